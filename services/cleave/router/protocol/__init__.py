@@ -1,0 +1,1 @@
+"""OpenAI-compatible request and response models, one module per endpoint."""

@@ -1,0 +1,96 @@
+"""``POST /v1/completions``."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from cleave.router.generation import Generation
+from cleave.router.protocol.completion import (
+    DEFAULT_MAX_TOKENS,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+)
+from cleave.router.serving import SSE_DONE, OpenAIServing, SSEResponse, safe_logprob, sse_event
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    request_id_prefix = "cmpl"
+    endpoint = "completions"
+
+    async def create_completion(self, request: CompletionRequest, raw_request: Request) -> JSONResponse | SSEResponse:
+        self.check_model(request.model)
+        request.check_supported()
+        prompt = request.single_prompt()
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            self.check_token_ids(prompt, "prompt")
+            prompt_ids = list(prompt)
+        max_tokens = self.resolve_max_tokens(len(prompt_ids), request.max_tokens, DEFAULT_MAX_TOKENS, "prompt")
+        request_id = self.new_request_id()
+        generation = await self.start(request, request_id, prompt_ids, max_tokens, logprobs=request.logprobs is not None)
+        headers = {"x-request-id": request_id}
+        if request.stream:
+            return SSEResponse(self.guard_stream(generation, self._stream(request, generation)), headers=headers)
+        text, token_ids, logprobs = await self.run_to_end(generation, raw_request)
+        response = CompletionResponse(
+            id=request_id,
+            model=self.served_model_name,
+            choices=[
+                CompletionResponseChoice(
+                    text=text,
+                    logprobs=self._logprobs(token_ids, logprobs, 0) if request.logprobs is not None else None,
+                    finish_reason=generation.finish_reason,
+                )
+            ],
+            usage=self.usage(generation),
+        )
+        return JSONResponse(response.model_dump(), headers=headers)
+
+    async def _stream(self, request: CompletionRequest, generation: Generation) -> AsyncIterator[str]:
+        offset = 0
+        include_usage = request.include_usage
+        async with aclosing(generation.stream()) as deltas:
+            async for delta in deltas:
+                if not delta.text and delta.finish_reason is None and not (request.logprobs is not None and delta.token_ids):
+                    continue
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = self._logprobs(delta.token_ids, delta.logprobs, offset)
+                offset += len(delta.text)
+                chunk = CompletionStreamResponse(
+                    id=generation.request_id,
+                    model=self.served_model_name,
+                    choices=[
+                        CompletionResponseStreamChoice(
+                            text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
+                        )
+                    ],
+                )
+                yield sse_event(chunk.dump(include_usage))
+        if include_usage:
+            chunk = CompletionStreamResponse(
+                id=generation.request_id, model=self.served_model_name, choices=[], usage=self.usage(generation)
+            )
+            yield sse_event(chunk.dump(True))
+        yield SSE_DONE
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[float], offset: int) -> CompletionLogProbs:
+        out = CompletionLogProbs()
+        for i, token_id in enumerate(token_ids):
+            token = self.token_text(token_id)
+            logprob = safe_logprob(logprobs[i]) if i < len(logprobs) else None
+            out.tokens.append(token)
+            out.token_logprobs.append(logprob)
+            out.top_logprobs.append({token: logprob} if logprob is not None else None)
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
