@@ -1,0 +1,45 @@
+"""Token choice: greedy, or temperature / top-k / top-p sampling by inverse CDF.
+
+Inverse-CDF sampling draws exactly one uniform number per token from the
+request's own generator, so a seeded request picks the same tokens whatever it
+is batched with; logprobs are those of the model's raw distribution."""
+
+from __future__ import annotations
+
+import torch
+
+from cleave.engine.sampling_params import SamplingParams
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    default_generator: torch.Generator,
+) -> tuple[list[int], list[float]]:
+    """logits: [S, V] float32. Returns the chosen token id and its logprob per row."""
+    logits = logits.float().cpu()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logits.argmax(dim=-1)
+    for row, p in enumerate(params):
+        if not p.is_greedy:
+            chosen[row] = _sample_row(logits[row], p, generators[row] or default_generator)
+    tokens = chosen.tolist()
+    return tokens, logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    scaled = logits / p.temperature
+    if p.top_k and p.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, p.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_probs, order = probs.sort(descending=True, stable=True)
+    if p.top_p < 1.0:
+        cumulative = sorted_probs.cumsum(0)
+        # Keep the smallest head whose mass reaches top_p (always at least one token).
+        sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs >= p.top_p, 0.0)
+    cdf = sorted_probs.cumsum(0)
+    u = torch.rand((), generator=generator) * cdf[-1]
+    position = int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[0] - 1))
+    while sorted_probs[position] == 0:  # u landed past the kept mass by rounding
+        position -= 1
+    return int(order[position])

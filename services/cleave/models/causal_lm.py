@@ -1,0 +1,67 @@
+"""One decoder-only model class for Llama, SmolLM2, Qwen2, Mixtral and Qwen2-MoE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cleave.models.attention import AttentionMetadata
+from cleave.models.config import ModelConfig
+from cleave.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from cleave.models.moe import ExpertBackend, LocalExpertBackend, SparseMoeBlock
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if layer in config.moe_layers:
+            self.mlp: nn.Module = SparseMoeBlock(config, layer)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = rotary
+        if config.is_moe:
+            self.set_expert_backend(self.local_expert_backend())
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+    def local_expert_backend(self) -> LocalExpertBackend:
+        return LocalExpertBackend({block.layer: block.experts for block in self.moe_blocks()})
+
+    def set_expert_backend(self, backend: ExpertBackend) -> None:
+        for block in self.moe_blocks():
+            block.backend = backend
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Hidden states [T, H] of the flat token batch (logits come from :meth:`logits`)."""
+        x = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, cache, meta)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

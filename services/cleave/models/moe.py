@@ -1,0 +1,109 @@
+"""Mixture-of-Experts layers. The layer routes tokens (top-k) itself and calls its
+experts only through an :class:`ExpertBackend`, so the experts can live in this
+process or in a pool of expert services without the model knowing."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleave.models.config import ModelConfig
+from cleave.models.layers import GatedMLP
+
+
+class ExpertBackend(Protocol):
+    """Runs the routed experts of MoE layers."""
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Return sum_k topk_weights[t, k] * expert[topk_ids[t, k]](hidden[t]) for every
+        token t of ``hidden`` ([T, H]); ``topk_ids`` and ``topk_weights`` are [T, k].
+        All tokens of one layer arrive in one call, so a remote backend can send each
+        replica its share in one request."""
+        ...
+
+
+class ExpertWeights(nn.Module):
+    """The routed experts of one layer, stacked: gate_up [E, 2I, H], down [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def run(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[expert])
+
+
+def combine_experts(
+    run_expert, num_experts: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Group tokens by expert, run each hit expert once, scatter-add weighted outputs.
+    ``run_expert(expert, x)`` computes one expert; experts it does not hold are
+    skipped by passing a subset of ids (the combine is a sum, so partial sums add)."""
+    out = torch.zeros_like(hidden)
+    flat_ids = topk_ids.flatten()
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    top_k = topk_ids.shape[1]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        picks = order[start : start + count]
+        start += count
+        tokens = picks // top_k
+        weights = topk_weights.flatten()[picks]
+        expert_out = run_expert(expert, hidden[tokens]) * weights[:, None].to(hidden.dtype)
+        out.index_add_(0, tokens, expert_out)
+    return out
+
+
+class LocalExpertBackend:
+    """Experts held in this process (the default, and what an expert service wraps)."""
+
+    def __init__(self, layers: dict[int, ExpertWeights]) -> None:
+        self.layers = layers
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        weights = self.layers[layer]
+        return combine_experts(weights.run, weights.gate_up.shape[0], hidden, topk_ids, topk_weights)
+
+
+class SparseMoeBlock(nn.Module):
+    """Mixtral's and Qwen2-MoE's sparse block: softmax router, top-k, optional
+    renormalisation, and Qwen2-MoE's sigmoid-gated shared expert."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = ExpertWeights(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.backend: ExpertBackend | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(x)
+        out = self.backend.forward(self.layer, x, ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
