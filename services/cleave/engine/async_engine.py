@@ -1,0 +1,131 @@
+"""An asyncio front for :class:`LLMEngine`: the engine loop runs in its own thread
+(torch releases the GIL in its kernels) and hands each request's outputs to the
+event loop that asked for them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator
+
+from cleave.engine.config import EngineConfig
+from cleave.engine.llm_engine import LLMEngine
+from cleave.engine.outputs import RequestOutput
+from cleave.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("cleave.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped; no request can be served."""
+
+
+class AsyncLLMEngine:
+    """Implements :class:`cleave.engine.outputs.EngineClient` over a local engine."""
+
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+        self.engine = engine or LLMEngine(config)
+        self._cond = threading.Condition()
+        self._pending: list[tuple[str, object]] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._stats = self.engine.stats()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def stats(self) -> dict[str, int | float]:
+        """The engine's counters as of its last step (read without stopping it)."""
+        return dict(self._stats, num_requests=len(self._streams))
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="cleave-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.engine.validate(prompt_token_ids, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._submit("add", (request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit("abort", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._submit("abort", request_id)
+
+    def _submit(self, kind: str, payload: object) -> None:
+        with self._cond:
+            self._pending.append((kind, payload))
+            self._cond.notify()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._pending and not engine.has_unfinished() and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                pending, self._pending = self._pending, []
+            for kind, payload in pending:
+                if kind == "add":
+                    request_id, prompt, params = payload
+                    try:
+                        engine.add_request(request_id, prompt, params)
+                    except ValueError as exc:
+                        self._deliver(request_id, exc)
+                else:
+                    engine.abort_request(payload)
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # a bug, not bad input: fail what is running, keep serving
+                log.exception("engine step failed; aborting running requests")
+                for request_id in list(engine.sequences):
+                    engine.abort_request(request_id)
+                    self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
+                continue
+            self._stats = engine.stats()
+            for out in outputs:
+                self._deliver(out.request_id, out)
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError("the engine shut down"))
