@@ -43,24 +43,33 @@ class ExpertWeights(nn.Module):
 def combine_experts(
     run_expert, num_experts: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Group tokens by expert, run each hit expert once, scatter-add weighted outputs.
-    ``run_expert(expert, x)`` computes one expert; experts it does not hold are
-    skipped by passing a subset of ids (the combine is a sum, so partial sums add)."""
-    out = torch.zeros_like(hidden)
+    """Group tokens by expert, run each hit expert once on its tokens, and sum every
+    token's weighted expert outputs in ascending expert order (the order Hugging Face
+    accumulates in, so float32 sums agree bit for bit). ``run_expert(expert, x)``
+    returns None for an expert it does not hold; those slots add zero, so partial
+    results from several holders add up to the whole."""
+    num_tokens, top_k = topk_ids.shape
+    slots = torch.zeros(num_tokens * top_k, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
     flat_ids = topk_ids.flatten()
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    top_k = topk_ids.shape[1]
+    flat_weights = topk_weights.flatten()
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         picks = order[start : start + count]
         start += count
-        tokens = picks // top_k
-        weights = topk_weights.flatten()[picks]
-        expert_out = run_expert(expert, hidden[tokens]) * weights[:, None].to(hidden.dtype)
-        out.index_add_(0, tokens, expert_out)
+        expert_out = run_expert(expert, hidden[picks // top_k])
+        if expert_out is not None:
+            # index_add_ on small CPU tensors costs milliseconds; a plain scatter does not.
+            slots[picks] = expert_out * flat_weights[picks, None].to(hidden.dtype)
+    slots = slots.view(num_tokens, top_k, -1).gather(
+        1, topk_ids.argsort(dim=1, stable=True)[:, :, None].expand(-1, -1, hidden.shape[-1])
+    )
+    out = slots[:, 0].clone()
+    for k in range(1, top_k):
+        out += slots[:, k]
     return out
 
 
