@@ -1,0 +1,135 @@
+"""``cleave serve``: one process with the OpenAI-compatible server and the engine.
+
+Flags, ``CLEAVE_*`` environment variables and Helm values share the field names of
+``ServerConfig`` and ``EngineConfig``. SIGTERM drains: the server stops accepting,
+in-flight requests (streams included) finish, then the engine shuts down."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from cleave.common import config as typed_config
+from cleave.common import logging as cleave_logging
+from cleave.engine.config import EngineConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """The HTTP side of ``cleave serve``."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "a model-zoo name or a Hugging Face model folder"})
+    served_model_name: str = field(default="", metadata={"help": "the name clients send as `model`; default: --model"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    instance_id: str = field(default="", metadata={"help": "x-cleave-instance header value; default: host-pid"})
+    timeout_graceful_shutdown: int = field(
+        default=30, metadata={"help": "seconds to let in-flight requests finish after SIGTERM"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], not {self.port}")
+        if self.timeout_graceful_shutdown < 0:
+            raise ValueError("timeout_graceful_shutdown must be >= 0")
+        if not self.served_model_name:
+            self.served_model_name = self.model
+
+
+def build_parser(prog: str = "cleave serve") -> argparse.ArgumentParser:
+    # Both configs have ``model``; the server's (a name or a path) replaces the
+    # engine's flag, and the engine then gets the resolved folder.
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, conflict_handler="resolve")
+    typed_config.add_arguments(parser, EngineConfig)
+    typed_config.add_arguments(parser, ServerConfig)
+    return parser
+
+
+def parse_configs(argv: Sequence[str] | None) -> tuple[ServerConfig, EngineConfig]:
+    """Read both configs from one command line; bad values exit with a usage error."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    try:
+        server = typed_config.from_namespace(ServerConfig, namespace)
+        engine = typed_config.from_namespace(EngineConfig, namespace)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    return server, engine
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A model folder for a zoo name or a path; zoo models are built on first use."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    from cleave.modelzoo.registry import resolve
+
+    return Path(resolve(name_or_path))
+
+
+def run_command(command: str, argv: Sequence[str]) -> int:
+    """Entry point of ``cleave serve``."""
+    if command != "serve":
+        raise SystemExit(f"cleave.router.main cannot run {command!r}")
+    server_config, engine_config = parse_configs(argv)
+    log = cleave_logging.setup("router")
+    try:
+        model_path = resolve_model(server_config.model)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        log.error("cannot resolve model", extra={"model": server_config.model, "error": str(exc)})
+        return 2
+    engine_config = dataclasses.replace(engine_config, model=str(model_path))
+    return serve(server_config, engine_config)
+
+
+def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int:
+    """Load the model, then serve until SIGTERM or SIGINT."""
+    import uvicorn
+
+    from cleave.engine.async_engine import AsyncLLMEngine
+    from cleave.models.tokenizer import Tokenizer
+    from cleave.router.app import create_app
+
+    log = cleave_logging.setup("router")
+    tokenizer = Tokenizer.from_pretrained(engine_config.model)
+    engine = AsyncLLMEngine(engine_config)
+    app = create_app(
+        engine,
+        tokenizer,
+        server_config.served_model_name,
+        engine_config.model,
+        instance_id=server_config.instance_id or None,
+        start_engine=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=server_config.host,
+            port=server_config.port,
+            log_config=None,  # keep our JSON logs
+            access_log=False,
+            timeout_graceful_shutdown=server_config.timeout_graceful_shutdown,
+        )
+    )
+    log.info(
+        "serving",
+        extra={
+            "model": server_config.served_model_name,
+            "root": engine_config.model,
+            "url": f"http://{server_config.host}:{server_config.port}/v1",
+        },
+    )
+    # uvicorn drains on SIGTERM/SIGINT, runs the lifespan shutdown (the engine's),
+    # then re-raises the signal, so a signalled server exits as signalled.
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_command("serve", sys.argv[1:]))
