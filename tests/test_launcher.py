@@ -1,0 +1,107 @@
+"""``cleave up | status | down`` with a tiny model, in a temporary CLEAVE_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from cleave.launcher import Supervisor, is_alive
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def cleave_cli(tmp_path):
+    env = {**os.environ, "CLEAVE_HOME": str(tmp_path / "home")}
+
+    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cleave.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    yield run
+    run("down", "--timeout", "5")  # never leave a server behind, whatever failed
+
+
+def test_up_status_down(cleave_cli, tiny_models, tmp_path):
+    port = free_port()
+    model = str(tiny_models["llama"])
+    up = cleave_cli("up", "--model", model, "--served-model-name", "tiny", "--port", str(port),
+                    "--timeout", "120", "--max-model-len", "256", "--kv-cache-memory-mb", "16")
+    assert up.returncode == 0, up.stderr
+    base = f"http://127.0.0.1:{port}"
+    for url in (f"{base}/v1", f"{base}/v1/models", f"{base}/metrics"):
+        assert url in up.stdout
+    assert "OpenAI(base_url=" in up.stdout and "curl " in up.stdout
+
+    assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+    card = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]
+    assert (card["id"], card["max_model_len"]) == ("tiny", 256)
+
+    again = cleave_cli("up", "--model", model, "--port", str(port))
+    assert again.returncode == 0 and "already running" in again.stdout
+
+    status = cleave_cli("status")
+    assert status.returncode == 0
+    assert "router" in status.stdout and "running" in status.stdout and f"{base}/v1" in status.stdout
+
+    supervisor = Supervisor(tmp_path / "home" / "run")
+    (state,) = supervisor.states()
+    assert supervisor.pid_path("router").read_text().strip() == str(state.pid)
+    assert is_alive(state.pid, state.argv)
+
+    # A stream in flight when `down` sends SIGTERM is allowed to finish.
+    body = {"model": "tiny", "prompt": "The river", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    events: list[str] = []
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        events.append(next(line for line in lines if line.startswith("data: ")))
+        down = threading.Thread(target=lambda: events.append(f"down rc {cleave_cli('down').returncode}"))
+        down.start()
+        events.extend(line for line in lines if line.startswith("data: "))
+    down.join(timeout=60)
+    assert events[-2] == "data: [DONE]", events[-3:]
+    assert json.loads(events[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    assert events[-1] == "down rc 0"
+
+    assert not is_alive(state.pid, state.argv)
+    assert not supervisor.pid_path("router").exists()
+    assert "not running" in cleave_cli("status").stdout
+    assert "not running" in cleave_cli("down").stdout
+
+
+def test_up_reports_a_server_that_dies_during_startup(cleave_cli, tiny_models, tmp_path):
+    up = cleave_cli("up", "--model", str(tiny_models["llama"]), "--port", str(free_port()), "--timeout", "120",
+                    "--block-size", "3")
+    assert up.returncode == 1
+    assert "exited during startup" in up.stderr
+    assert "block_size must be a power of two" in up.stderr  # the log tail says why
+    assert Supervisor(tmp_path / "home" / "run").states() == []
+
+
+def test_up_refuses_a_busy_port(cleave_cli, tiny_models):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        up = cleave_cli("up", "--model", str(tiny_models["llama"]), "--port", str(port))
+    assert up.returncode == 1
+    assert "already in use" in up.stderr
+
+
+def test_up_rejects_an_unknown_model(cleave_cli):
+    up = cleave_cli("up", "--model", "no-such-model", "--port", str(free_port()))
+    assert up.returncode == 1
+    assert "no-such-model" in up.stderr
