@@ -82,7 +82,7 @@ def assert_envelope(response: httpx.Response, status: int, param=None, code=None
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str) and error["message"]
-    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert error["type"] == {500: "server_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
     if param is not None:
         assert error["param"] == param, error
     if code is not None:
@@ -206,3 +206,20 @@ def test_engine_failure_mid_stream_sends_an_error_event(failing_server, wait_eng
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["type"] == "server_error"
     wait_engine_idle(engine)
+
+
+def test_stopped_engine_is_a_503(tiny_models, serve_app):
+    from cleave.engine.async_engine import AsyncLLMEngine
+    from cleave.engine.config import EngineConfig
+    from cleave.models.tokenizer import Tokenizer
+    from cleave.router.app import create_app
+
+    path = str(tiny_models["llama"])
+    engine = AsyncLLMEngine(EngineConfig(model=path, max_model_len=256, num_kv_blocks=32, num_threads=1))
+    if not any(hasattr(engine, name) for name in ("is_healthy", "is_running", "errored")):
+        pytest.skip("AsyncLLMEngine does not report whether its loop runs (is_running / is_healthy)")
+    app = create_app(engine, Tokenizer.from_pretrained(path), "tiny-llama", path, instance_id="test-instance")
+    with serve_app(app) as root_url:  # the engine is never started
+        assert_envelope(httpx.get(f"{root_url}/health", timeout=10), 503, code="engine_unavailable")
+        response = httpx.post(f"{root_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert_envelope(response, 503, code="engine_unavailable")

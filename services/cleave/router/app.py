@@ -22,7 +22,7 @@ from cleave.router.metrics import RouterMetrics, endpoint_label, outcome_label
 from cleave.router.protocol.chat import ChatCompletionRequest
 from cleave.router.protocol.completion import CompletionRequest
 from cleave.router.protocol.models import ModelCard, ModelList
-from cleave.router.serving import TokenizerLike
+from cleave.router.serving import TokenizerLike, engine_is_healthy, engine_unavailable
 from cleave.router.serving_chat import OpenAIServingChat
 from cleave.router.serving_completion import OpenAIServingCompletion
 
@@ -58,15 +58,6 @@ class InstanceHeaderMiddleware:
 async def _maybe_await(value: Any) -> None:
     if inspect.isawaitable(value):
         await value
-
-
-def engine_is_healthy(engine: EngineClient) -> bool:
-    """An engine may report its own health (``is_healthy``, or ``errored``);
-    one that reports nothing is taken as healthy while the server runs."""
-    healthy = getattr(engine, "is_healthy", None)
-    if healthy is not None:
-        return bool(healthy() if callable(healthy) else healthy)
-    return not bool(getattr(engine, "errored", False))
 
 
 def create_app(
@@ -141,7 +132,7 @@ def create_app(
     @app.get("/health")
     async def health():
         if not engine_is_healthy(engine):
-            raise APIError(503, "the engine is not running", code="engine_unhealthy")
+            raise engine_unavailable()
         return JSONResponse({"status": "ok", "instance": instance_id, "model": served_model_name})
 
     @app.get("/metrics")

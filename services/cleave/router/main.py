@@ -60,7 +60,7 @@ def parse_configs(argv: Sequence[str] | None) -> tuple[ServerConfig, EngineConfi
         engine = typed_config.from_namespace(EngineConfig, namespace)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
-    return server, engine
+    return server, dataclasses.replace(engine, model=server.model)
 
 
 def resolve_model(name_or_path: str) -> Path:

@@ -35,6 +35,20 @@ class TokenizerLike(Protocol):
     def vocab_size(self) -> int: ...
 
 
+def engine_is_healthy(engine: EngineClient) -> bool:
+    """An engine may report its health (``is_healthy``, ``is_running`` or ``errored``,
+    as attributes or methods); one that reports nothing counts as healthy."""
+    for name in ("is_healthy", "is_running"):
+        value = getattr(engine, name, None)
+        if value is not None:
+            return bool(value() if callable(value) else value)
+    return not bool(getattr(engine, "errored", False))
+
+
+def engine_unavailable() -> APIError:
+    return APIError(503, "The engine is not running; try again later.", code="engine_unavailable")
+
+
 class SSEResponse(StreamingResponse):
     """Server-sent events whose body iterator is always closed, so the engine request
     behind it is aborted however the response ends (client gone, server stopping)."""
@@ -138,7 +152,14 @@ class OpenAIServing:
         generation = Generation(
             self.engine, self.tokenizer, request_id, prompt_ids, params, request.stop_strings, self.metrics.track()
         )
-        await generation.start()
+        try:
+            await generation.start()
+        except APIError:
+            raise
+        except Exception:
+            if not engine_is_healthy(self.engine):
+                raise engine_unavailable() from None
+            raise
         return generation
 
     def usage(self, generation: Generation) -> UsageInfo:
