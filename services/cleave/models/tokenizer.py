@@ -3,10 +3,11 @@
 The serving path must not import ``transformers`` (it is a test-only dependency), yet
 its token ids and prompts must match what ``transformers`` produces for the same
 folder, or outputs stop being comparable with a reference run. This module therefore
-mirrors the handful of rules ``transformers`` applies on top of ``tokenizer.json``:
-the ``add_bos_token``/``add_eos_token`` override of the post-processor, special tokens
-named only in ``tokenizer_config.json``, and the sandboxed Jinja environment used for
-chat templates.
+mirrors the handful of rules ``transformers`` (5.x) applies on top of
+``tokenizer.json``: its post-processor alone decides which special tokens ``encode``
+adds (``add_bos_token`` in ``tokenizer_config.json`` is ignored when ``tokenizer.json``
+exists), special tokens named only in ``tokenizer_config.json`` are added to the
+vocabulary, and chat templates render in a sandboxed Jinja environment.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import tokenizers
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Older names for a message's reasoning; templates read the first.
@@ -69,7 +70,6 @@ class Tokenizer:
             if _token_content(self._config.get(key)) is not None
         }
         self._add_missing_special_tokens()
-        self._apply_bos_eos_override()
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Tokenizer":
@@ -110,26 +110,6 @@ class Tokenizer:
                 missing.append(AddedToken(content, special=True, normalized=False))
         if missing:
             self._backend.add_tokens(missing)
-
-    def _apply_bos_eos_override(self) -> None:
-        # An explicit add_bos_token/add_eos_token in the config replaces whatever
-        # post-processor tokenizer.json carries; that is what transformers does.
-        explicit = "add_bos_token" in self._config or "add_eos_token" in self._config
-        if not explicit and self._backend.post_processor is not None:
-            return
-        add_bos = bool(self._config.get("add_bos_token", False)) and self.bos_token is not None
-        add_eos = bool(self._config.get("add_eos_token", False)) and self.eos_token is not None
-        bos, eos = self.bos_token, self.eos_token
-        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-        special = []
-        if add_bos:
-            special.append((bos, self.bos_token_id))
-        if add_eos:
-            special.append((eos, self._backend.token_to_id(eos)))
-        self._backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=special
-        )
 
     # -- properties ----------------------------------------------------------------
 

