@@ -38,6 +38,11 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     @property
+    def is_running(self) -> bool:
+        """The engine loop is alive and not shutting down: requests can be served."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
     def num_unfinished(self) -> int:
         return len(self._streams)
 

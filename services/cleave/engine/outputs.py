@@ -34,3 +34,8 @@ class EngineClient(Protocol):
 
     @property
     def max_model_len(self) -> int: ...
+
+    @property
+    def is_running(self) -> bool:
+        """Whether requests can be served now (the /health answer)."""
+        ...

@@ -36,13 +36,7 @@ class TokenizerLike(Protocol):
 
 
 def engine_is_healthy(engine: EngineClient) -> bool:
-    """An engine may report its health (``is_healthy``, ``is_running`` or ``errored``,
-    as attributes or methods); one that reports nothing counts as healthy."""
-    for name in ("is_healthy", "is_running"):
-        value = getattr(engine, name, None)
-        if value is not None:
-            return bool(value() if callable(value) else value)
-    return not bool(getattr(engine, "errored", False))
+    return bool(engine.is_running)
 
 
 def engine_unavailable() -> APIError:
