@@ -82,6 +82,12 @@ def test_unpermute_inverts_llama_cpp_permute():
         assert np.array_equal(gguf_convert._unpermute(gguf, n_head), hf)
 
 
+def test_byte_alphabet_is_gpt2s():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    assert gguf_convert._bytes_to_unicode() == bytes_to_unicode()
+
+
 def test_tokenizer_equals_transformers_gguf_tokenizer(smollm2_dir, gguf_path):
     ref = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     ours = Tokenizer.from_pretrained(smollm2_dir)

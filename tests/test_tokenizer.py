@@ -194,6 +194,18 @@ def test_bos_comes_from_tokenizer_json_like_transformers(tiny_models, tmp_path):
         assert ours.encode("hi", add_special_tokens=False)[0] != bos_id
 
 
+def test_special_tokens_named_only_in_config_are_added_like_transformers(tiny_models, tmp_path):
+    # "ap" is an ordinary merge in the vocabulary; "<pad>" is not in it at all.
+    folder = _edited_copy(tiny_models["llama"], tmp_path / "extra", bos_token="ap", pad_token="<pad>")
+    ours, ref = Tokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    original = Tokenizer.from_pretrained(tiny_models["llama"])
+    assert ours.vocab_size == len(ref) == original.vocab_size + 1
+    assert ours.pad_token_id == ref.pad_token_id == ours.vocab_size - 1
+    for text in ("map ap <pad> x", "The capital", "<pad><pad>"):
+        assert ours.encode(text) == ref.encode(text)
+        assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text), skip_special_tokens=True)
+
+
 def test_missing_chat_template_raises_clear_error(tiny_models, tmp_path):
     folder = _edited_copy(tiny_models["llama"], tmp_path / "plain", chat_template=None)
     ours = Tokenizer.from_pretrained(folder)

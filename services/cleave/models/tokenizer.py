@@ -87,9 +87,10 @@ class Tokenizer:
     # -- setup ---------------------------------------------------------------------
 
     def _add_missing_special_tokens(self) -> None:
-        # transformers adds any special token the config names but the vocabulary
-        # lacks; doing the same keeps ids aligned with it.
-        vocab = self._backend.get_vocab(with_added_tokens=True)
+        # transformers registers every special token the config names as an added
+        # token, even one already in the base vocabulary (it then matches whole in
+        # text); doing the same keeps ids aligned with it.
+        vocab = {token.content for token in self._backend.get_added_tokens_decoder().values()}
         missing: list[AddedToken] = []
         decoder = self._config.get("added_tokens_decoder") or {}
         for _, spec in sorted(decoder.items(), key=lambda item: int(item[0])):

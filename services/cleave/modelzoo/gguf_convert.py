@@ -178,7 +178,9 @@ def read_weights(reader, config: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2's byte alphabet: printable bytes map to themselves, the rest to U+0100 on.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [
+        *range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)
+    ]
     codes = printable[:]
     extra = 0
     for byte in range(256):
