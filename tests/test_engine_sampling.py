@@ -109,3 +109,25 @@ def test_abort_frees_blocks(engine):
 
 def _fields(params: SamplingParams) -> dict:
     return {name: getattr(params, name) for name in params.__slots__}
+
+
+@pytest.mark.parametrize("params", [GREEDY_RESUME := SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                                    SAMPLED], ids=["greedy", "seeded"])
+def test_resumed_request_continues_exactly(tiny_models, params):
+    """What a decode worker or a failover does: continue from tokens generated elsewhere."""
+    config = EngineConfig(model=str(tiny_models["qwen2_moe"]), block_size=8, num_kv_blocks=128)
+    first, second = LLMEngine(config), LLMEngine(config)
+    prompt = mixed_prompts(first.model_config.vocab_size, 1, seed=20, min_len=30, max_len=30)[0]
+    full = first.generate([prompt], params)[0]
+    for done in (1, 9):
+        second.add_request(f"resume-{done}", prompt + full[:done], params, num_output_tokens=done)
+        outs = []
+        while second.has_unfinished():
+            outs.extend(second.step())
+        assert [t for o in outs for t in o.new_token_ids] == full[done:]
+        assert outs[-1].num_output_tokens == len(full) and outs[-1].finish_reason == "length"
+
+
+def test_resume_count_validated(engine):
+    with pytest.raises(ValueError, match="num_output_tokens"):
+        engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=2), num_output_tokens=2)

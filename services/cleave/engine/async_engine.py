@@ -64,16 +64,16 @@ class AsyncLLMEngine:
             self._thread = None
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, num_output_tokens: int = 0
     ) -> AsyncIterator[RequestOutput]:
         if self._thread is None or not self._thread.is_alive():
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.engine.validate(prompt_token_ids, params)
+        self.engine.validate(prompt_token_ids, params, num_output_tokens)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit("add", (request_id, list(prompt_token_ids), params))
+        self._submit("add", (request_id, list(prompt_token_ids), params, num_output_tokens))
         finished = False
         try:
             while True:
@@ -114,9 +114,9 @@ class AsyncLLMEngine:
                 pending, self._pending = self._pending, []
             for kind, payload in pending:
                 if kind == "add":
-                    request_id, prompt, params = payload
+                    request_id, prompt, params, num_output_tokens = payload
                     try:
-                        engine.add_request(request_id, prompt, params)
+                        engine.add_request(request_id, prompt, params, num_output_tokens)
                     except ValueError as exc:
                         self._deliver(request_id, exc)
                 else:

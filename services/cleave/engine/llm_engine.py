@@ -72,10 +72,14 @@ class LLMEngine:
         log.info("engine ready", extra={"model": config.model, "kv_blocks": num_blocks, "block_size": config.block_size})
 
     # -- requests ---------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, num_output_tokens: int = 0) -> None:
         """Raise ValueError with a user-facing message if the request can never run."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
+        if not 0 <= num_output_tokens < len(prompt_token_ids) or num_output_tokens >= params.max_tokens:
+            raise ValueError(
+                f"num_output_tokens {num_output_tokens} must be below the token count and max_tokens {params.max_tokens}"
+            )
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
@@ -93,11 +97,16 @@ class LLMEngine:
                 f"the pool has {self.block_manager.num_blocks}"
             )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, num_output_tokens: int = 0
+    ) -> None:
+        """Queue a request. ``num_output_tokens`` > 0 resumes one: the last that many of
+        ``prompt_token_ids`` were generated already (by a prefill worker, or by a decode
+        worker that died); generation continues exactly as if it had not been split."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params)
-        seq = Sequence(request_id, prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, num_output_tokens)
+        seq = Sequence(request_id, prompt_token_ids, params, num_output_tokens)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 

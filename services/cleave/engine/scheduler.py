@@ -73,8 +73,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, hits)
-            if seq.num_cached_tokens == 0 and seq.num_output_tokens == 0:
+            if not seq.is_admitted:
                 seq.num_cached_tokens = seq.num_computed_tokens
+                seq.is_admitted = True
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)

@@ -16,14 +16,19 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, num_output_tokens: int = 0
+    ) -> None:
+        """``num_output_tokens``: how many of ``token_ids`` (at the end) were generated
+        already, elsewhere or before a failover; they count towards ``max_tokens``."""
         self.request_id = request_id
-        self.token_ids = list(prompt_token_ids)
-        self.num_prompt_tokens = len(prompt_token_ids)
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids) - num_output_tokens
         self.params = params
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
-        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.is_admitted = False
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, in order
         self.finish_reason: str | None = None
@@ -34,6 +39,10 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+            # One uniform draw per sampled token: skipping those already drawn elsewhere
+            # continues the same random stream, so a resumed request samples as if unbroken.
+            if not params.is_greedy and num_output_tokens:
+                torch.rand(num_output_tokens, generator=self.generator)
 
     @property
     def num_tokens(self) -> int:
