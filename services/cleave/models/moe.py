@@ -40,14 +40,13 @@ class ExpertWeights(nn.Module):
         return F.linear(F.silu(gate) * up, self.down[expert])
 
 
-def combine_experts(
-    run_expert, num_experts: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+def expert_slot_outputs(
+    run_expert, num_experts: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    held: set[int] | None = None,
 ) -> torch.Tensor:
-    """Group tokens by expert, run each hit expert once on its tokens, and sum every
-    token's weighted expert outputs in ascending expert order (the order Hugging Face
-    accumulates in, so float32 sums agree bit for bit). ``run_expert(expert, x)``
-    returns None for an expert it does not hold; those slots add zero, so partial
-    results from several holders add up to the whole."""
+    """Weighted output of every (token, k) slot, ``[T * k, H]``: tokens are grouped by
+    expert and each hit expert runs once on its tokens. Slots of experts outside
+    ``held`` stay zero, so a replica holding a subset fills only its own slots."""
     num_tokens, top_k = topk_ids.shape
     slots = torch.zeros(num_tokens * top_k, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
     flat_ids = topk_ids.flatten()
@@ -60,17 +59,31 @@ def combine_experts(
             continue
         picks = order[start : start + count]
         start += count
-        expert_out = run_expert(expert, hidden[picks // top_k])
-        if expert_out is not None:
-            # index_add_ on small CPU tensors costs milliseconds; a plain scatter does not.
-            slots[picks] = expert_out * flat_weights[picks, None].to(hidden.dtype)
+        if held is not None and expert not in held:
+            continue
+        # index_add_ on small CPU tensors costs milliseconds; a plain scatter does not.
+        slots[picks] = run_expert(expert, hidden[picks // top_k]) * flat_weights[picks, None].to(hidden.dtype)
+    return slots
+
+
+def accumulate_slots(slots: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Sum each token's slots in ascending expert order, the order Hugging Face
+    accumulates in, so float32 results agree bit for bit wherever the slots came from."""
+    num_tokens, top_k = topk_ids.shape
     slots = slots.view(num_tokens, top_k, -1).gather(
-        1, topk_ids.argsort(dim=1, stable=True)[:, :, None].expand(-1, -1, hidden.shape[-1])
+        1, topk_ids.argsort(dim=1, stable=True)[:, :, None].expand(-1, -1, slots.shape[-1])
     )
     out = slots[:, 0].clone()
     for k in range(1, top_k):
         out += slots[:, k]
     return out
+
+
+def combine_experts(
+    run_expert, num_experts: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """sum_k weight * expert(hidden) per token, every expert local."""
+    return accumulate_slots(expert_slot_outputs(run_expert, num_experts, hidden, topk_ids, topk_weights), topk_ids)
 
 
 class LocalExpertBackend:
