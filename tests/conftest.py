@@ -165,3 +165,74 @@ def reference_greedy(tiny_models):
         return engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=max_tokens, **params))[0]
 
     return greedy
+
+
+# -- gRPC stubs and a real Redis (registry and KV store tests) -----------------------------
+
+
+def pytest_configure(config):
+    """Regenerate the gRPC stubs under cleave.protogen when a .proto changed (a no-op
+    otherwise), so tests never run against stale stubs."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "infra" / "scripts" / "gen_proto.sh"
+    subprocess.run(["bash", str(script)], check=True, env={**os.environ, "PYTHON": sys.executable})
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """URL of a real ``redis-server`` on a free port of 127.0.0.1, without persistence,
+    running in a temporary folder for the session (``infra/scripts/redis.sh install``
+    provides the binary)."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed; run infra/scripts/redis.sh install")
+    workdir = tmp_path_factory.mktemp("redis")
+    for _ in range(3):  # another process may take the free port before redis binds it
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", "",
+             "--appendonly", "no", "--logfile", str(workdir / f"redis-{port}.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.01)
+        else:
+            proc.kill()
+            proc.wait()
+            continue
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            client.close()
+            proc.terminate()
+            proc.wait(timeout=10)
+        return
+    pytest.fail(f"redis-server did not answer PING; see {workdir}")
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """``redis_server``'s URL with its database emptied first, for one test."""
+    import redis
+
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushdb()
+    return redis_server

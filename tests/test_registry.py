@@ -1,0 +1,167 @@
+"""Discovery over a real Redis: register, heartbeat, load updates, expiry, deregister."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from cleave.common import registry as reg
+from cleave.common.registry import (
+    AsyncRegistration,
+    AsyncRegistry,
+    InstanceRecord,
+    Registration,
+    Registry,
+)
+
+
+def wait_until(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+def ids(records):
+    return [r.instance_id for r in records]
+
+
+@pytest.fixture
+def registry(redis_url):
+    r = Registry.from_url(redis_url)
+    yield r
+    r.client.close()
+
+
+def test_register_lists_by_role_with_its_fields(registry):
+    registry.register(InstanceRecord("prefill", "p1", "127.0.0.1:5001", {"model": "tiny"}, {"queue": 0}), ttl=5)
+    registry.register(InstanceRecord("decode", "d1", "127.0.0.1:5002"), ttl=5)
+    registry.register(InstanceRecord("prefill", "p0", "127.0.0.1:5003"), ttl=5)
+
+    assert ids(registry.list_instances("prefill")) == ["p0", "p1"]
+    assert ids(registry.list_instances("decode")) == ["d1"]
+    assert ids(registry.list_instances()) == ["d1", "p0", "p1"]
+    assert registry.list_instances("kvstore") == []
+    p1 = registry.get("prefill", "p1")
+    assert (p1.address, p1.capabilities, p1.load) == ("127.0.0.1:5001", {"model": "tiny"}, {"queue": 0})
+    assert p1.heartbeat_at >= p1.started_at > 0
+
+
+def test_keys_are_prefixed_and_expire(registry):
+    registry.register(InstanceRecord("kvstore", "s1", "127.0.0.1:1"), ttl=2)
+    ttl_ms = registry.client.pttl("cleave:instance:kvstore:s1")
+    assert 0 < ttl_ms <= 2000
+    assert registry.client.smembers("cleave:instances:kvstore") == {"s1"}
+    assert "kvstore" in registry.client.smembers("cleave:roles")
+
+
+def test_dead_instance_drops_out_within_ttl_and_is_pruned(registry):
+    registry.register(InstanceRecord("decode", "dead", "127.0.0.1:1"), ttl=0.3)
+    registry.register(InstanceRecord("decode", "alive", "127.0.0.1:2"), ttl=30)
+    registered_at = time.monotonic()
+    assert ids(registry.list_instances("decode")) == ["alive", "dead"]
+
+    wait_until(lambda: ids(registry.list_instances("decode")) == ["alive"], what="the dead instance to expire")
+    assert time.monotonic() - registered_at < 0.3 + 1.0
+    assert registry.client.smembers("cleave:instances:decode") == {"alive"}
+
+
+def test_heartbeat_keeps_an_instance_alive_past_its_ttl(registry):
+    record = InstanceRecord("prefill", "hb", "127.0.0.1:1")
+    with Registration(registry, record, ttl=0.3, interval=0.05) as registration:
+        started = time.monotonic()
+        # Three TTLs without dropping out once.
+        while time.monotonic() - started < 0.9:
+            assert ids(registry.list_instances("prefill")) == ["hb"]
+            time.sleep(0.02)
+        assert registration.num_heartbeats >= 5
+        assert registration.num_heartbeat_errors == 0
+    # Deregistered at once on stop, not after a TTL.
+    assert registry.list_instances("prefill") == []
+    assert registry.client.exists("cleave:instance:prefill:hb") == 0
+
+
+def test_update_load_is_published_without_waiting_for_the_next_heartbeat(registry):
+    record = InstanceRecord("decode", "ld", "127.0.0.1:1", load={"free_blocks": 100})
+    with Registration(registry, record, ttl=30) as registration:  # heartbeat every 10 s
+        assert registry.get("decode", "ld").load == {"free_blocks": 100}
+        registration.update_load(free_blocks=7, running=3)
+        wait_until(lambda: registry.get("decode", "ld").load == {"free_blocks": 7, "running": 3}, what="load")
+
+
+def test_stopped_without_deregister_expires_on_its_own(registry):
+    registration = Registration(registry, InstanceRecord("expert", "e1", "127.0.0.1:1"), ttl=0.3).start()
+    registration.stop(deregister=False)
+    assert ids(registry.list_instances("expert")) == ["e1"]
+    wait_until(lambda: registry.list_instances("expert") == [], what="expiry after a crash-like stop")
+
+
+def test_heartbeat_re_registers_after_its_keys_vanish(redis_url):
+    # Keys evicted from Redis behind the instance's back (a restart, a FLUSHALL) come
+    # back with the next heartbeat.
+    registry = Registry.from_url(redis_url)
+    with Registration(registry, InstanceRecord("router", "r1", "127.0.0.1:1"), ttl=1, interval=0.05):
+        registry.client.flushdb()
+        wait_until(lambda: ids(registry.list_instances("router")) == ["r1"], what="re-registration")
+
+
+def test_unreachable_redis_fails_registration_loudly():
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    registry = Registry(redis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)))
+    with pytest.raises(redis.ConnectionError):
+        Registration(registry, InstanceRecord("router", "r1", "127.0.0.1:1")).start()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"role": "", "instance_id": "x"}, "role"),
+        ({"role": "decode", "instance_id": "a:b"}, "instance_id"),
+    ],
+)
+def test_bad_records_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InstanceRecord(address="127.0.0.1:1", **kwargs)
+
+
+@pytest.mark.parametrize("ttl, interval", [(0.01, None), (1.0, 1.0), (1.0, 0.0)])
+def test_bad_ttl_or_interval_is_rejected(registry, ttl, interval):
+    with pytest.raises(ValueError):
+        Registration(registry, InstanceRecord("decode", "x", "127.0.0.1:1"), ttl=ttl, interval=interval)
+
+
+def test_async_registration_heartbeats_updates_and_deregisters(redis_url):
+    sync_view = Registry.from_url(redis_url)
+
+    async def scenario():
+        registry = AsyncRegistry.from_url(redis_url)
+        record = InstanceRecord("kvstore", "a1", "127.0.0.1:7000", {"tier": "memory"})
+        async with AsyncRegistration(registry, record, ttl=0.3, interval=0.05) as registration:
+            assert ids(await registry.list_instances("kvstore")) == ["a1"]
+            registration.update_load(num_blocks=12)
+            deadline = time.monotonic() + 5
+            while (await registry.get("kvstore", "a1")).load != {"num_blocks": 12}:
+                assert time.monotonic() < deadline, "load update not published"
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            while time.monotonic() - started < 0.9:
+                assert ids(sync_view.list_instances("kvstore")) == ["a1"]
+                await asyncio.sleep(0.02)
+            assert registration.num_heartbeats >= 5
+        assert await registry.list_instances("kvstore") == []
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_key_helpers_match_the_documented_names():
+    assert reg.instance_key("decode", "d1") == "cleave:instance:decode:d1"
+    assert reg.members_key("decode") == "cleave:instances:decode"
+    assert reg.ROLES_KEY == "cleave:roles"
