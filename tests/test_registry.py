@@ -165,3 +165,42 @@ def test_key_helpers_match_the_documented_names():
     assert reg.instance_key("decode", "d1") == "cleave:instance:decode:d1"
     assert reg.members_key("decode") == "cleave:instances:decode"
     assert reg.ROLES_KEY == "cleave:roles"
+
+
+def test_redis_script_starts_reports_and_stops_idempotently(tmp_path):
+    import os
+    import shutil
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed; run infra/scripts/redis.sh install")
+    script = Path(__file__).resolve().parents[1] / "infra" / "scripts" / "redis.sh"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "CLEAVE_HOME": str(tmp_path), "CLEAVE_REDIS_PORT": str(port)}
+
+    def redis_sh(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), command], env=env, capture_output=True, text=True, timeout=60)
+
+    assert redis_sh("install").returncode == 0  # already installed: a no-op
+    assert redis_sh("status").returncode == 3
+    try:
+        assert redis_sh("start").returncode == 0
+        client = redis.Redis(port=port)
+        assert client.ping()
+        assert client.config_get("save") == {"save": ""} and client.config_get("bind")["bind"] == "127.0.0.1"
+        again = redis_sh("start")
+        assert again.returncode == 0 and "already running" in again.stderr
+        status = redis_sh("status")
+        assert status.returncode == 0 and f"127.0.0.1:{port}" in status.stdout
+        pid = int((tmp_path / "redis" / f"redis-{port}.pid").read_text())
+    finally:
+        stopped = redis_sh("stop")
+    assert stopped.returncode == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert redis_sh("status").returncode == 3 and redis_sh("stop").returncode == 0
+    assert (tmp_path / "redis" / f"redis-{port}.log").is_file()
