@@ -1,0 +1,497 @@
+"""What the prefill and decode workers share: the hand-off of a request's KV blocks
+through the KV store, the proto <-> engine conversions, and the worker process shell
+(config, metrics, registry record with load reports, gRPC server with drain).
+
+Protocol (docs/prefill-decode.md): prefill fetches the longest stored prefix of the
+prompt's blocks, computes the rest and the first token, and puts the full blocks the
+store lacks; decode fetches the blocks its own prefix cache lacks and continues the
+request from the tokens so far with ``num_output_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import math
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import grpc
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from cleave.common.grpc_server import ServiceServer
+from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistration, AsyncRegistry, InstanceRecord
+from cleave.engine.async_engine import AsyncLLMEngine
+from cleave.engine.config import EngineConfig
+from cleave.engine.kv_transfer import KVBlock
+from cleave.engine.llm_engine import LLMEngine
+from cleave.engine.sampling_params import SamplingParams
+from cleave.kvstore import index as kvindex
+from cleave.kvstore.client import KVStoreClient, choose_store, group_by_store
+from cleave.protogen.cleave.v1 import common_pb2
+
+log = logging.getLogger("cleave.kv_handoff")
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
+
+FINISH_REASONS = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+
+
+# -- proto <-> engine ------------------------------------------------------------------
+
+
+def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Engine params from the wire; unset optional fields take the engine's defaults.
+    Raises ValueError (a client error) for values the engine refuses."""
+    defaults = SamplingParams()
+    temperature = msg.temperature if msg.HasField("temperature") else defaults.temperature
+    top_p = msg.top_p if msg.HasField("top_p") else defaults.top_p
+    if not (math.isfinite(temperature) and math.isfinite(top_p)):
+        raise ValueError("temperature and top_p must be finite")
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=msg.top_k,
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else defaults.max_tokens,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs,
+    )
+
+
+def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_tokens,
+        stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+# -- the engine between the asyncio front and its loop thread ----------------------------
+
+
+class EngineGuard:
+    """Serializes KV import/export with the engine loop's own mutations of the block
+    pool. ``AsyncLLMEngine`` runs ``step``/``add_request``/``abort_request`` on its
+    thread and has no command for block transfer, so those three are wrapped in one
+    lock that :meth:`run` also takes; the lock is held per step, never per request."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+        for name in ("step", "add_request", "abort_request"):
+            method = getattr(engine, name)
+            setattr(engine, name, self._locked(method))
+
+    def _locked(self, method):
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            with self.lock:
+                return method(*args, **kwargs)
+
+        return call
+
+    async def run(self, fn: Callable, *args):
+        def locked():
+            with self.lock:
+                return fn(*args)
+
+        return await asyncio.to_thread(locked)
+
+
+# -- the KV store side ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TransferStats:
+    num_blocks: int = 0
+    num_bytes: int = 0
+
+
+class KVHandoff:
+    """Moves a request's blocks between an engine and the KV stores. A block lives on
+    the store rendezvous hashing picks among the live stores (those the request names,
+    else the registry's); a read first asks the Redis KV index, which still finds blocks
+    written before the set of stores changed."""
+
+    def __init__(self, redis_client: aioredis.Redis | None, timeout: float, pin_ttl_seconds: float) -> None:
+        self.redis = redis_client
+        self.registry = AsyncRegistry(redis_client) if redis_client is not None else None
+        self.timeout = timeout
+        self.pin_ttl_seconds = pin_ttl_seconds
+        self.stores: list[InstanceRecord] = []
+        self._clients: dict[str, KVStoreClient] = {}
+
+    async def refresh(self) -> None:
+        if self.registry is not None:
+            self.stores = await self.registry.list_instances("kvstore")
+
+    def resolve(self, targets: Sequence[common_pb2.InstanceInfo]) -> list[InstanceRecord]:
+        """The stores of one request: its explicit targets, else the registry's live ones."""
+        if not targets:
+            return self.stores
+        records = []
+        for target in targets:
+            if not target.instance_id or not target.address:
+                raise ValueError("every kvstore_targets entry needs instance_id and address")
+            records.append(InstanceRecord("kvstore", target.instance_id, target.address))
+        return records
+
+    def client(self, address: str) -> KVStoreClient:
+        if address not in self._clients:
+            self._clients[address] = KVStoreClient(address)
+        return self._clients[address]
+
+    async def fetch(
+        self, block_hashes: Sequence[int], token_ids: Sequence[int], block_size: int, stores: list[InstanceRecord]
+    ) -> tuple[list[KVBlock], TransferStats]:
+        """The longest leading run of ``block_hashes`` the stores hold, checked against
+        ``token_ids``. A store error ends the run: the engine then computes the rest."""
+        stats = TransferStats()
+        if not block_hashes or not stores:
+            return [], stats
+        by_id = {s.instance_id: s for s in stores}
+        owners: list[str | None] = [None] * len(block_hashes)
+        if self.redis is not None:
+            try:
+                owners = await kvindex.lookup(self.redis, block_hashes)
+            except Exception as exc:  # the index is advisory; rendezvous still finds most blocks
+                log.warning("KV index lookup failed", extra={"error": str(exc)})
+        groups: dict[str, list[int]] = {}
+        for block_hash, owner in zip(block_hashes, owners):
+            if owner not in by_id:
+                owner = choose_store(block_hash, stores).instance_id
+            groups.setdefault(owner, []).append(block_hash)
+        results = await asyncio.gather(
+            *(self.client(by_id[sid].address).get_blocks(hashes, timeout=self.timeout) for sid, hashes in groups.items()),
+            return_exceptions=True,
+        )
+        found: dict[int, bytes] = {}
+        for sid, result in zip(groups, results):
+            if isinstance(result, BaseException):
+                log.warning("KV store read failed", extra={"store": sid, "error": str(result)})
+                continue
+            found.update(result)
+        blocks: list[KVBlock] = []
+        for index, block_hash in enumerate(block_hashes):
+            data = found.get(block_hash)
+            if data is None:
+                break
+            try:
+                block = KVBlock.from_bytes(data)
+            except ValueError as exc:
+                log.warning("KV block unreadable", extra={"block_hash": block_hash, "error": str(exc)})
+                break
+            expected = tuple(token_ids[index * block_size : (index + 1) * block_size])
+            if block.block_hash != block_hash or block.token_ids != expected:
+                break
+            blocks.append(block)
+            stats.num_blocks += 1
+            stats.num_bytes += len(data)
+        return blocks, stats
+
+    async def put_missing(self, blocks: Sequence[KVBlock], stores: list[InstanceRecord]) -> tuple[list[int], TransferStats]:
+        """Put the blocks their stores lack (pinning every block for ``pin_ttl_seconds``
+        so that decode finds it); returns the hashes now stored, in order, stopping at
+        the first that is not."""
+        stats = TransferStats()
+        if not blocks or not stores:
+            return [], stats
+        by_hash = {b.block_hash: b for b in blocks}
+        by_id = {s.instance_id: s for s in stores}
+        groups = group_by_store(by_hash, stores)
+        stored: set[int] = set()
+
+        async def one_store(sid: str, hashes: list[int]) -> None:
+            client = self.client(by_id[sid].address)
+            present = await client.contains(hashes, timeout=self.timeout)
+            have = [h for h, p in zip(hashes, present) if p]
+            if have and self.pin_ttl_seconds:
+                await client.pin(have, self.pin_ttl_seconds, timeout=self.timeout)
+            stored.update(have)
+            missing = [h for h, p in zip(hashes, present) if not p]
+            if not missing:
+                return
+            payloads = [(h, by_hash[h].to_bytes()) for h in missing]
+            result = await client.put_blocks(
+                payloads, token_ids={h: by_hash[h].token_ids for h in missing},
+                pin_ttl_seconds=self.pin_ttl_seconds, timeout=self.timeout,
+            )
+            stored.update(result.stored_hashes)
+            stats.num_blocks += len(result.stored_hashes)
+            stats.num_bytes += result.num_bytes
+
+        results = await asyncio.gather(*(one_store(s, h) for s, h in groups.items()), return_exceptions=True)
+        for sid, result in zip(groups, results):
+            if isinstance(result, BaseException):
+                log.warning("KV store write failed", extra={"store": sid, "error": str(result)})
+        hashes: list[int] = []
+        for block in blocks:
+            if block.block_hash not in stored:
+                break
+            hashes.append(block.block_hash)
+        return hashes, stats
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WorkerConfig(EngineConfig):
+    """The engine's fields plus a worker process's own; see PrefillConfig, DecodeConfig."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC server to"})
+    port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
+    advertise_address: str = field(
+        default="", metadata={"help": "host:port registered for other services to dial; default: host:port"}
+    )
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 picks a free one"})
+    redis_url: str = field(
+        default=DEFAULT_REDIS_URL,
+        metadata={"help": "Redis for the registry and the KV index; empty: standalone (kvstore_targets only)"},
+    )
+    instance_id: str = field(default="", metadata={"help": "registry id; default: <role>-<hostname>-<pid>"})
+    registry_ttl_seconds: float = field(default=5.0, metadata={"help": "registration expiry without heartbeats"})
+    load_report_seconds: float = field(default=0.5, metadata={"help": "how often load is reported to the registry"})
+    drain_grace_seconds: float = field(default=10.0, metadata={"help": "time in-flight calls get to finish on SIGTERM"})
+    kvstore_timeout_seconds: float = field(default=30.0, metadata={"help": "deadline of one KV store call"})
+    kv_pin_seconds: float = field(
+        default=60.0, metadata={"help": "pin blocks put or reused this long, so the next stage finds them; 0: no pin"}
+    )
+
+    def __post_init__(self) -> None:
+        EngineConfig.__post_init__(self)
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in [0, 65535], not {getattr(self, name)}")
+        for name in ("registry_ttl_seconds", "load_report_seconds", "kvstore_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
+        for name in ("drain_grace_seconds", "kv_pin_seconds"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not self.instance_id:
+            self.instance_id = f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+        if ":" in self.instance_id:
+            raise ValueError(f"instance_id must not contain ':', got {self.instance_id!r}")
+
+    @property
+    def role(self) -> str:
+        raise NotImplementedError
+
+    def engine_config(self, model_path: str | None = None) -> EngineConfig:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)}
+        if model_path is not None:
+            values["model"] = model_path
+        return EngineConfig(**values)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A model folder as given, else the model zoo's folder of that name."""
+    if not name_or_path or Path(name_or_path).is_dir():
+        return name_or_path
+    from cleave.modelzoo.registry import resolve
+
+    return str(resolve(name_or_path))
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+class WorkerMetrics:
+    """``cleave_<role>_*`` in a registry of its own, so that several workers can share
+    one test process."""
+
+    def __init__(self, role: str, instance_id: str, engine: AsyncLLMEngine) -> None:
+        self.registry = r = CollectorRegistry()
+        p = f"cleave_{role}_"
+        self.requests = Counter(p + "requests", "Requests by outcome (ok, invalid, error, cancelled)", ["outcome"], registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Tokens received with requests", registry=r)
+        self.cached_tokens = Counter(p + "cached_tokens", "Tokens whose KV was reused, not computed", registry=r)
+        self.generated_tokens = Counter(p + "generated_tokens", "Tokens generated", registry=r)
+        self.kv_blocks = Counter(p + "kv_blocks", "KV blocks moved, by direction (fetched, put)", ["direction"], registry=r)
+        self.kv_bytes = Counter(p + "kv_bytes", "KV block bytes moved, by direction (fetched, put)", ["direction"], registry=r)
+        self.kv_errors = Counter(p + "kv_errors", "Failed KV store calls (the request goes on)", registry=r)
+        self.request_seconds = Histogram(
+            p + "request_seconds", "Duration of a call", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        Gauge(p + "info", "Constant 1, labelled with the instance", ["instance_id"], registry=r).labels(instance_id).set(1)
+        for name, doc, key in (
+            ("running_requests", "Sequences in the running batch", "num_running"),
+            ("waiting_requests", "Sequences waiting for admission", "num_waiting"),
+            ("free_kv_blocks", "Free KV blocks of the engine's pool", "num_free_kv_blocks"),
+            ("kv_pool_blocks", "KV blocks of the engine's pool", "num_kv_blocks"),
+        ):
+            Gauge(p + name, doc, registry=r).set_function(lambda key=key: engine.stats().get(key, 0))
+        self._http = None
+
+    def count_transfer(self, direction: str, stats: TransferStats) -> None:
+        self.kv_blocks.labels(direction=direction).inc(stats.num_blocks)
+        self.kv_bytes.labels(direction=direction).inc(stats.num_bytes)
+
+    def serve(self, host: str, port: int) -> int:
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+# -- the process shell ---------------------------------------------------------------------
+
+
+class WorkerServer:
+    """An engine, its gRPC server, metrics and registry record. Subclasses set
+    ``service_name``, add their servicer in :meth:`add_servicer` and report load in
+    :meth:`load`."""
+
+    service_name = ""
+
+    def __init__(self, config: WorkerConfig, engine: AsyncLLMEngine | None = None) -> None:
+        self.config = config
+        self.engine = engine or AsyncLLMEngine(config.engine_config(resolve_model(config.model)))
+        self.guard = EngineGuard(self.engine.engine)
+        self.metrics = WorkerMetrics(config.role, config.instance_id, self.engine)
+        self.redis: aioredis.Redis | None = None
+        self.handoff: KVHandoff | None = None
+        self.grpc: ServiceServer | None = None
+        self.registration: AsyncRegistration | None = None
+        self.metrics_port: int | None = None
+        self._load_task: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.grpc is not None, "start() first"
+        return self.grpc.address
+
+    def add_servicer(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    def load(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        config = self.config
+        self.engine.start()
+        if config.redis_url:
+            self.redis = aioredis.Redis.from_url(config.redis_url, decode_responses=True, **CLIENT_OPTIONS)
+        self.handoff = KVHandoff(self.redis, config.kvstore_timeout_seconds, config.kv_pin_seconds)
+        await self.handoff.refresh()
+        self.grpc = ServiceServer(
+            config.host, config.port, [self.service_name], drain_grace=config.drain_grace_seconds,
+            advertise=config.advertise_address,
+        )
+        self.add_servicer(self.grpc.server)
+        self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        await self.grpc.start()
+        if self.redis is not None:
+            engine = self.engine.engine
+            record = InstanceRecord(
+                config.role, config.instance_id, self.grpc.address,
+                capabilities={
+                    "model": config.model, "block_size": config.block_size, "root_hash": str(engine.root_hash),
+                    "max_model_len": engine.max_model_len, "metrics_port": self.metrics_port,
+                },
+                load=self.load(),
+            )
+            self.registration = AsyncRegistration(AsyncRegistry(self.redis), record, ttl=config.registry_ttl_seconds)
+            await self.registration.start()
+            self.grpc.registration = self.registration
+        self._load_task = asyncio.create_task(self._report_load(), name=f"load-{config.instance_id}")
+        self.grpc.after_stop(self._close)
+        log.info(f"{config.role} ready", extra={"address": self.grpc.address, "metrics_port": self.metrics_port,
+                                                 "instance_id": config.instance_id})
+
+    async def _report_load(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.load_report_seconds)
+            if self.registration is not None:
+                self.registration.update_load(**self.load())
+            try:
+                await self.handoff.refresh()
+            except Exception as exc:  # keep the last known stores
+                log.warning("kvstore refresh failed", extra={"error": str(exc)})
+
+    async def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING, deregister, finish in-flight calls within ``grace``, stop."""
+        assert self.grpc is not None, "start() first"
+        await self.grpc.drain(grace)
+
+    async def _close(self) -> None:
+        if self._load_task is not None:
+            self._load_task.cancel()
+            await asyncio.gather(self._load_task, return_exceptions=True)
+        await asyncio.to_thread(self.engine.shutdown)
+        if self.handoff is not None:
+            await self.handoff.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        self.metrics.close()
+
+
+def run_worker(role: str, config_cls: type, server_cls: type, command: str, argv: Sequence[str]) -> int:
+    """``cleave <role>`` / ``python -m cleave.<role>``: serve until SIGTERM/SIGINT drain."""
+    import argparse
+
+    from cleave.common import config as typed_config
+    from cleave.common import logging as cleave_logging
+
+    if command != role:
+        raise SystemExit(f"cleave.{role}.main cannot run {command!r}")
+    parser = argparse.ArgumentParser(prog=f"cleave {role}", description=config_cls.__doc__)
+    typed_config.add_arguments(parser, config_cls)
+    namespace = parser.parse_args(argv)
+    try:
+        config = typed_config.from_namespace(config_cls, namespace)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    logger = cleave_logging.setup(role)
+
+    async def serve() -> int:
+        server = server_cls(config)
+        await server.start()
+        server.grpc.install_signal_handlers()
+        await server.grpc.wait_for_termination()
+        return 0
+
+    try:
+        return asyncio.run(serve())
+    except (OSError, ValueError) as exc:
+        logger.error(f"{role} failed to start", extra={"error": str(exc)})
+        return 1
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext, message: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def check_token_ids(token_ids: Iterable[int]) -> list[int]:
+    token_ids = list(token_ids)
+    if not token_ids:
+        raise ValueError("token_ids is empty")
+    return token_ids
+

@@ -1,0 +1,116 @@
+"""The ``cleave.v1.Decode`` service: continue a request from its tokens so far and the
+KV blocks in the store, streaming what it generates."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, params_from_proto
+from cleave.engine.async_engine import EngineDeadError
+from cleave.protogen.cleave.v1 import decode_pb2 as pb
+from cleave.protogen.cleave.v1 import decode_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cleave.decode")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
+
+
+class DecodeServicer(pb_grpc.DecodeServicer):
+    def __init__(self, server: "DecodeServer") -> None:
+        self.server = server
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+        server = self.server
+        metrics = server.metrics
+        engine = server.engine.engine
+        started = time.perf_counter()
+        try:
+            if not request.request_id:
+                raise ValueError("request_id is required")
+            if not request.token_ids:
+                raise ValueError("token_ids is empty: send the prompt and the tokens generated so far")
+            token_ids = list(request.token_ids)
+            if request.num_generated < 1:
+                raise ValueError("num_generated must be >= 1: decode continues a prefilled request")
+            params = params_from_proto(request.params)
+            engine.validate(token_ids, params, request.num_generated)
+            hashes = engine.block_hashes(token_ids)
+            given = list(request.block_hashes)
+            if given != hashes[: len(given)]:
+                raise ValueError(
+                    "block_hashes do not match token_ids on this worker (another model, dtype or block size, "
+                    "or tokens that are not the ones prefilled)"
+                )
+            stores = server.handoff.resolve(request.kvstore_targets)
+        except ValueError as exc:
+            metrics.requests.labels(outcome="invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        block_size = engine.config.block_size
+        # Named blocks are known to be stored; without names the index is asked for all.
+        wanted = hashes[: len(given)] if given else hashes
+        usable = wanted[: (len(token_ids) - 1) // block_size]
+        num_local = 0
+        while num_local < len(usable) and engine.block_manager.lookup(usable[num_local]) is not None:
+            num_local += 1
+        if num_local < len(usable):
+            blocks, fetched = await server.handoff.fetch(
+                usable[num_local:], token_ids[num_local * block_size :], block_size, stores
+            )
+            metrics.count_transfer("fetched", fetched)
+            if blocks:
+                await server.guard.run(engine.import_blocks, blocks)
+
+        metrics.prompt_tokens.inc(len(token_ids))
+        outcome = "cancelled"
+        first = True
+        stream = server.engine.generate(request.request_id, token_ids, params, num_output_tokens=request.num_generated)
+        try:
+            async for output in stream:
+                metrics.generated_tokens.inc(len(output.new_token_ids))
+                if first:
+                    metrics.cached_tokens.inc(output.num_cached_tokens)
+                    first = False
+                yield pb.DecodeResponse(
+                    request_id=request.request_id,
+                    token_ids=output.new_token_ids,
+                    logprobs=output.new_logprobs,
+                    finish_reason=FINISH_REASONS[output.finish_reason] if output.finished else 0,
+                )
+            outcome = "ok"
+        except ValueError as exc:
+            outcome = "invalid"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineDeadError as exc:
+            outcome = "error"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            # A client that goes away cancels this handler; closing the stream aborts
+            # the engine request and frees its blocks.
+            await stream.aclose()
+            metrics.requests.labels(outcome=outcome).inc()
+            metrics.request_seconds.observe(time.perf_counter() - started)
+
+
+class DecodeServer(WorkerServer):
+    """A running decode worker: ``await start()``, then ``await drain()`` (or a signal)."""
+
+    service_name = SERVICE_NAME
+
+    def add_servicer(self, server: grpc.aio.Server) -> None:
+        self.servicer = DecodeServicer(self)
+        pb_grpc.add_DecodeServicer_to_server(self.servicer, server)
+
+    def load(self) -> dict[str, float]:
+        stats = self.engine.stats()
+        return {
+            "num_running": stats["num_running"],
+            "num_waiting": stats["num_waiting"],
+            "num_requests": stats["num_requests"],
+            "num_free_kv_blocks": stats["num_free_kv_blocks"],
+            "num_kv_blocks": stats["num_kv_blocks"],
+        }

@@ -1,0 +1,135 @@
+"""The ``cleave.v1.Prefill`` service: one prompt in, its first token and its KV blocks
+in the store out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import grpc
+
+from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, params_from_proto
+from cleave.engine.async_engine import EngineDeadError
+from cleave.protogen.cleave.v1 import common_pb2
+from cleave.protogen.cleave.v1 import prefill_pb2 as pb
+from cleave.protogen.cleave.v1 import prefill_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cleave.prefill")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prefill"].full_name
+
+
+class PrefillServicer(pb_grpc.PrefillServicer):
+    def __init__(self, server: "PrefillServer") -> None:
+        self.server = server
+        self.num_queued_prompt_tokens = 0
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        server = self.server
+        metrics = server.metrics
+        engine = server.engine.engine
+        started = time.perf_counter()
+        try:
+            if not request.request_id:
+                raise ValueError("request_id is required")
+            if not request.token_ids:
+                raise ValueError("token_ids is empty: nothing to prefill")
+            prompt = list(request.token_ids)
+            params = params_from_proto(request.params)
+            # The prefill pool only ever holds prompt + 1 token; decode checks the rest.
+            engine_params = dataclasses.replace(params, max_tokens=1)
+            engine.validate(prompt, engine_params)
+            stores = server.handoff.resolve(request.kvstore_targets)
+        except ValueError as exc:
+            metrics.requests.labels(outcome="invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        block_size = engine.config.block_size
+        hashes = engine.block_hashes(prompt)
+        # The engine always computes the last prompt token, so a block ending there is
+        # of no use to it.
+        usable = hashes[: (len(prompt) - 1) // block_size]
+        num_local = 0
+        while num_local < len(usable) and engine.block_manager.lookup(usable[num_local]) is not None:
+            num_local += 1
+        if num_local < len(usable):
+            blocks, fetched = await server.handoff.fetch(
+                usable[num_local:], prompt[num_local * block_size :], block_size, stores
+            )
+            metrics.count_transfer("fetched", fetched)
+            if blocks:
+                await server.guard.run(engine.import_blocks, blocks)
+
+        self.num_queued_prompt_tokens += len(prompt)
+        queued = True
+        output = None
+        try:
+            async for output in server.engine.generate(request.request_id, prompt, engine_params):
+                if queued:
+                    self.num_queued_prompt_tokens -= len(prompt)
+                    queued = False
+        except ValueError as exc:
+            metrics.requests.labels(outcome="invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineDeadError as exc:
+            metrics.requests.labels(outcome="error").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            if queued:
+                self.num_queued_prompt_tokens -= len(prompt)
+        if output is None or not output.new_token_ids:
+            metrics.requests.labels(outcome="error").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"request {request.request_id} ended without a token")
+
+        exported = await server.guard.run(engine.export_blocks, hashes)
+        stored, put = await server.handoff.put_missing(exported, stores)
+        metrics.count_transfer("put", put)
+        if len(stored) < len(hashes) and stores:
+            log.warning("prompt blocks not all stored", extra={
+                "request_id": request.request_id, "num_blocks": len(hashes), "num_stored": len(stored)})
+
+        response = pb.PrefillResponse(
+            request_id=request.request_id,
+            first_token_id=output.new_token_ids[0],
+            block_hashes=stored,
+            num_cached_tokens=output.num_cached_tokens,
+            finish_reason=self._finish_reason(output.finish_reason, params, len(prompt) + 1, server.engine.max_model_len),
+        )
+        if output.new_logprobs:
+            response.logprob = output.new_logprobs[0]
+        metrics.requests.labels(outcome="ok").inc()
+        metrics.prompt_tokens.inc(len(prompt))
+        metrics.cached_tokens.inc(output.num_cached_tokens)
+        metrics.generated_tokens.inc(1)
+        metrics.request_seconds.observe(time.perf_counter() - started)
+        return response
+
+    @staticmethod
+    def _finish_reason(reason: str | None, params, num_tokens: int, max_model_len: int) -> int:
+        """The engine ran with max_tokens 1, so its "length" ends the request only when
+        the caller's max_tokens or the context is used up as well."""
+        if reason == "length" and params.max_tokens > 1 and num_tokens < max_model_len:
+            return common_pb2.FINISH_REASON_UNSPECIFIED
+        return FINISH_REASONS[reason]
+
+
+class PrefillServer(WorkerServer):
+    """A running prefill worker: ``await start()``, then ``await drain()`` (or a signal)."""
+
+    service_name = SERVICE_NAME
+
+    def add_servicer(self, server: grpc.aio.Server) -> None:
+        self.servicer = PrefillServicer(self)
+        pb_grpc.add_PrefillServicer_to_server(self.servicer, server)
+
+    def load(self) -> dict[str, float]:
+        stats = self.engine.stats()
+        queued = self.servicer.num_queued_prompt_tokens if hasattr(self, "servicer") else 0
+        return {
+            "num_running": stats["num_running"],
+            "num_waiting": stats["num_waiting"],
+            "num_requests": stats["num_requests"],
+            "num_queued_prompt_tokens": queued,
+            "num_free_kv_blocks": stats["num_free_kv_blocks"],
+        }

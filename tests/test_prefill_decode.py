@@ -1,0 +1,327 @@
+"""Prefill and decode workers as a router drives them: real gRPC on 127.0.0.1, two KV
+stores with their index and registry in a real Redis, the hand-off of every request
+through the store, and the invariants: exactness against transformers, prefix reuse,
+seeded sampling, failover mid-stream, clear errors for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from reference import assert_greedy_equal, load_hf, mixed_prompts
+
+from cleave.common.kv_handoff import params_to_proto
+from cleave.common.registry import Registry
+from cleave.decode.config import DecodeConfig
+from cleave.decode.service import DecodeServer
+from cleave.engine.config import EngineConfig
+from cleave.engine.llm_engine import LLMEngine
+from cleave.engine.sampling_params import SamplingParams
+from cleave.kvstore.config import KVStoreConfig
+from cleave.kvstore.service import KVStoreServer
+from cleave.prefill.config import PrefillConfig
+from cleave.prefill.service import PrefillServer
+from cleave.protogen.cleave.v1 import common_pb2
+from cleave.protogen.cleave.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+ENGINE = dict(num_kv_blocks=256, max_model_len=512, num_threads=1, block_size=16)
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass
+class Cluster:
+    """Two stores, two prefill and three decode workers (the third is the one killed),
+    served from an event loop on a thread of their own; tests talk to them with
+    synchronous stubs, as a router in another process would."""
+
+    model_dir: str
+    redis_url: str
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    stores: list = field(default_factory=list)
+    prefill: list = field(default_factory=list)
+    decode: list = field(default_factory=list)
+    channels: list = field(default_factory=list)
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        threading.Thread(target=self.loop.run_forever, name="cluster", daemon=True).start()
+        tag = f"{os.getpid()}-{id(self)}"
+        common = dict(port=0, metrics_port=0, redis_url=self.redis_url, drain_grace_seconds=1)
+        for i in range(2):
+            store = KVStoreServer(KVStoreConfig(instance_id=f"kvs{i}-{tag}", **common))
+            self.call(store.start())
+            self.stores.append(store)
+        for cls, config_cls, role, count, pool in (
+            (PrefillServer, PrefillConfig, "prefill", 2, self.prefill),
+            (DecodeServer, DecodeConfig, "decode", 3, self.decode),
+        ):
+            for i in range(count):
+                config = config_cls(model=self.model_dir, instance_id=f"{role}{i}-{tag}",
+                                    load_report_seconds=0.1, **ENGINE, **common)
+                server = self.call(_make(cls, config))
+                self.call(server.start())
+                pool.append(server)
+
+    def prefill_stub(self, i: int) -> prefill_pb2_grpc.PrefillStub:
+        channel = grpc.insecure_channel(self.prefill[i].address)
+        self.channels.append(channel)
+        return prefill_pb2_grpc.PrefillStub(channel)
+
+    def decode_stub(self, i: int) -> decode_pb2_grpc.DecodeStub:
+        channel = grpc.insecure_channel(self.decode[i].address)
+        self.channels.append(channel)
+        return decode_pb2_grpc.DecodeStub(channel)
+
+    def stop(self) -> None:
+        for channel in self.channels:
+            channel.close()
+        for server in [*self.prefill, *self.decode, *self.stores]:
+            if server.grpc is not None:
+                self.call(server.drain(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+async def _make(cls, config):
+    # Built on the cluster's loop: the engine thread hands outputs to the loop that asks.
+    return cls(config)
+
+
+@pytest.fixture(scope="module", params=["llama", "mixtral"])
+def cluster(request, tiny_models, redis_server):
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushdb()
+    cluster = Cluster(str(tiny_models[request.param]), redis_server)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_model(cluster):
+    return load_hf(cluster.model_dir)
+
+
+@pytest.fixture(scope="module")
+def vocab_size(cluster) -> int:
+    with open(os.path.join(cluster.model_dir, "config.json")) as f:
+        return json.load(f)["vocab_size"]
+
+
+def greedy(max_tokens: int, **extra) -> common_pb2.SamplingParams:
+    return params_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra))
+
+
+def generate(prefill, decode, request_id: str, prompt: list[int], params) -> tuple[list[int], prefill_pb2.PrefillResponse]:
+    """What a router does: prefill, then decode from the blocks prefill stored."""
+    first = prefill.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, token_ids=prompt, params=params), timeout=120)
+    tokens = [first.first_token_id]
+    if first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+        stream = decode.Decode(decode_pb2.DecodeRequest(
+            request_id=request_id, token_ids=prompt + tokens, block_hashes=first.block_hashes, params=params,
+            num_generated=1,
+        ), timeout=120)
+        for item in stream:
+            tokens.extend(item.token_ids)
+    return tokens, first
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+# -- exactness -------------------------------------------------------------------------------
+
+
+def test_split_greedy_equals_transformers(cluster, hf_model, vocab_size):
+    prompts = mixed_prompts(vocab_size, 16, seed=11, min_len=3, max_len=70)
+    max_tokens = 10
+    prefill = [cluster.prefill_stub(i) for i in range(2)]
+    decode = [cluster.decode_stub(i) for i in range(2)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(
+            lambda i: generate(prefill[i % 2], decode[(i // 2) % 2], f"exact-{i}", prompts[i], greedy(max_tokens)),
+            range(16),
+        ))
+    outputs = [tokens for tokens, _ in results]
+    assert all(len(tokens) == max_tokens for tokens in outputs)
+    assert_greedy_equal(hf_model, prompts, outputs, max_tokens)
+    # Every full prompt block went to the store and was named to decode.
+    for prompt, (_, first) in zip(prompts, results):
+        assert len(first.block_hashes) == len(prompt) // ENGINE["block_size"]
+    put = sum(metric(p.metrics_port, "cleave_prefill_kv_blocks_total", direction="put") for p in cluster.prefill)
+    fetched = sum(metric(d.metrics_port, "cleave_decode_kv_blocks_total", direction="fetched") for d in cluster.decode)
+    assert put > 0 and fetched > 0
+
+
+def test_prefix_from_the_store_is_reused_exactly(cluster, hf_model, vocab_size):
+    shared = mixed_prompts(vocab_size, 1, seed=21, min_len=40, max_len=40)[0]
+    suffixes = mixed_prompts(vocab_size, 4, seed=22, min_len=2, max_len=9)
+    prompts = [shared + s for s in suffixes]
+    p0, p1 = cluster.prefill_stub(0), cluster.prefill_stub(1)
+    d0 = cluster.decode_stub(0)
+    fetched_before = metric(cluster.prefill[1].metrics_port, "cleave_prefill_kv_blocks_total", direction="fetched")
+    first_round, _ = generate(p0, d0, "prefix-0", prompts[0], greedy(8))
+    # The second round runs on the other prefill worker, whose own cache never saw the
+    # prefix: its blocks can only come from the store.
+    second = [generate(p1, d0, f"prefix-{i}", prompts[i], greedy(8)) for i in range(1, 4)]
+    for _, first in second:
+        assert first.num_cached_tokens >= 32
+    fetched = metric(cluster.prefill[1].metrics_port, "cleave_prefill_kv_blocks_total", direction="fetched")
+    assert fetched - fetched_before >= 2
+    assert_greedy_equal(hf_model, prompts, [first_round] + [tokens for tokens, _ in second], 8)
+
+
+def test_seeded_sampling_equals_single_process(cluster, vocab_size):
+    prompts = mixed_prompts(vocab_size, 3, seed=31, min_len=5, max_len=50)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=12, seed=100 + i, ignore_eos=True, logprobs=True)
+              for i in range(3)]
+    engine = LLMEngine(EngineConfig(model=cluster.model_dir, **ENGINE))
+    expected = engine.generate(prompts, params)
+    p, d = cluster.prefill_stub(1), cluster.decode_stub(1)
+    for i, prompt in enumerate(prompts):
+        tokens, first = generate(p, d, f"seeded-{i}", prompt, params_to_proto(params[i]))
+        assert tokens == expected[i]
+        assert first.logprob < 0
+
+
+# -- failover ----------------------------------------------------------------------------
+
+
+def test_decode_worker_killed_mid_stream_resumes_elsewhere(cluster, hf_model, vocab_size):
+    prompt = mixed_prompts(vocab_size, 1, seed=41, min_len=37, max_len=37)[0]
+    sampled = SamplingParams(temperature=0.8, max_tokens=24, seed=7, ignore_eos=True)
+    expected_sampled = LLMEngine(EngineConfig(model=cluster.model_dir, **ENGINE)).generate([prompt], sampled)[0]
+    victim = cluster.decode_stub(2)
+    survivor = cluster.decode_stub(1)
+    prefill = cluster.prefill_stub(0)
+    streams = {}
+    for name, params in (("greedy", greedy(24)), ("sampled", params_to_proto(sampled))):
+        first = prefill.Prefill(prefill_pb2.PrefillRequest(request_id=f"failover-{name}", token_ids=prompt,
+                                                           params=params), timeout=60)
+        stream = victim.Decode(decode_pb2.DecodeRequest(
+            request_id=f"failover-{name}", token_ids=prompt + [first.first_token_id],
+            block_hashes=first.block_hashes, params=params, num_generated=1,
+        ), timeout=60)
+        streams[name] = (params, first, stream, [first.first_token_id])
+    for name, (_, _, stream, tokens) in streams.items():
+        for _ in range(4):
+            tokens.extend(next(stream).token_ids)
+    cluster.call(cluster.decode[2].drain(0))
+    for name, (params, first, stream, tokens) in streams.items():
+        with pytest.raises(grpc.RpcError):
+            for item in stream:  # whatever was in flight when it died still counts as sent
+                tokens.extend(item.token_ids)
+        assert 5 <= len(tokens) < 24
+        resumed = survivor.Decode(decode_pb2.DecodeRequest(
+            request_id=f"failover-{name}", token_ids=prompt + tokens, block_hashes=first.block_hashes,
+            params=params, num_generated=len(tokens),
+        ), timeout=60)
+        items = list(resumed)
+        tokens.extend(t for item in items for t in item.token_ids)
+        assert items[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert_greedy_equal(hf_model, [prompt], [streams["greedy"][3]], 24)
+    assert streams["sampled"][3] == expected_sampled
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+BAD_PREFILL = [
+    (dict(request_id="", token_ids=[1, 2]), "request_id"),
+    (dict(request_id="r", token_ids=[]), "token_ids is empty"),
+    (dict(request_id="r", token_ids=[1, 10**9]), "prompt token ids"),
+    (dict(request_id="r", token_ids=[1, 2], params=common_pb2.SamplingParams(top_p=0.0)), "top_p"),
+    (dict(request_id="r", token_ids=[1, 2], params=common_pb2.SamplingParams(max_tokens=0)), "max_tokens"),
+    (dict(request_id="r", token_ids=[1] * 600), "context"),
+    (dict(request_id="r", token_ids=[1, 2],
+          kvstore_targets=[common_pb2.InstanceInfo(role="kvstore", instance_id="x")]), "kvstore_targets"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_PREFILL)
+def test_prefill_rejects_bad_input(cluster, fields, message):
+    with pytest.raises(grpc.RpcError) as info:
+        cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(**fields), timeout=30)
+    assert info.value.code() == INVALID, info.value.details()
+    assert message in info.value.details()
+
+
+BAD_DECODE = [
+    (dict(request_id="r", token_ids=[], num_generated=1), "token_ids is empty"),
+    (dict(request_id="r", token_ids=[1, 2, 3], num_generated=0), "num_generated"),
+    (dict(request_id="r", token_ids=[1, 2, 3], num_generated=3), "num_output_tokens"),
+    (dict(request_id="r", token_ids=[1, 2, 3], num_generated=2, params=common_pb2.SamplingParams(max_tokens=2)),
+     "max_tokens"),
+    (dict(request_id="r", token_ids=list(range(40)), num_generated=1, block_hashes=[12345]), "block_hashes"),
+    (dict(request_id="r", token_ids=[1, 2, 3], num_generated=1, params=common_pb2.SamplingParams(temperature=-1)),
+     "temperature"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_DECODE)
+def test_decode_rejects_bad_input(cluster, fields, message):
+    with pytest.raises(grpc.RpcError) as info:
+        list(cluster.decode_stub(0).Decode(decode_pb2.DecodeRequest(**fields), timeout=30))
+    assert info.value.code() == INVALID, info.value.details()
+    assert message in info.value.details()
+
+
+def test_first_token_may_finish_the_request(cluster, vocab_size):
+    prompt = mixed_prompts(vocab_size, 1, seed=51, min_len=20, max_len=20)[0]
+    first = cluster.prefill_stub(0).Prefill(
+        prefill_pb2.PrefillRequest(request_id="one", token_ids=prompt, params=greedy(1)), timeout=30)
+    assert first.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    stop = cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(
+        request_id="stop", token_ids=prompt, params=greedy(5, stop_token_ids=[first.first_token_id])), timeout=30)
+    assert stop.first_token_id == first.first_token_id
+    assert stop.finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+# -- the service shell ------------------------------------------------------------------------
+
+
+def test_workers_register_report_load_and_serve_health(cluster):
+    registry = Registry.from_url(cluster.redis_url)
+    roles = {r.instance_id: r for role in ("prefill", "decode") for r in registry.list_instances(role)}
+    for server in [*cluster.prefill, *cluster.decode[:2]]:
+        record = roles[server.config.instance_id]
+        assert record.address == server.address
+        assert "num_running" in record.load and "num_free_kv_blocks" in record.load
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=server.service_name), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert "num_queued_prompt_tokens" in roles[cluster.prefill[0].config.instance_id].load
+    assert metric(cluster.prefill[0].metrics_port, "cleave_prefill_requests_total", outcome="ok") > 0
+    assert metric(cluster.prefill[0].metrics_port, "cleave_prefill_requests_total", outcome="invalid") > 0
+    assert metric(cluster.decode[0].metrics_port, "cleave_decode_generated_tokens_total") > 0
+    assert metric(cluster.decode[0].metrics_port, "cleave_decode_kv_blocks_total") >= 0
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_entry_point_help(role):
+    out = subprocess.run([sys.executable, "-m", f"cleave.{role}", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    assert "--kv-pin-seconds" in out.stdout and "--block-size" in out.stdout
