@@ -1,0 +1,254 @@
+"""The engine's side of the expert pool: an :class:`~cleave.models.moe.ExpertBackend`
+whose experts live in expert replicas.
+
+For one MoE layer the backend picks, for each expert the layer's tokens were routed to,
+one replica holding it (as few replicas as it can), and sends each picked replica ONE
+``RunExperts`` call with only the tokens routed to its share, all calls at once. It
+places the returned slots into one ``[T * k, H]`` tensor and sums them with
+:func:`~cleave.models.moe.accumulate_slots`: each expert runs on exactly the rows it
+would run on in process, so the result is bit for bit the local one.
+
+A replica that fails with UNAVAILABLE or a deadline is set aside and its share sent to
+another replica holding the same experts; when none is left,
+:class:`ExpertUnavailableError` is raised. Every call carries a deadline, so a forward
+pass never hangs on a replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import redis
+import torch
+
+from cleave.common.grpc_server import channel_options
+from cleave.common.registry import Registry
+from cleave.expert.spec import Pair, format_spec, parse_canonical
+from cleave.expert.wire import from_proto, to_proto
+from cleave.models.moe import accumulate_slots
+from cleave.protogen.cleave.v1 import expert_pb2 as pb
+from cleave.protogen.cleave.v1 import expert_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cleave.expert.client")
+
+ROLE = "expert"
+# Codes after which another replica may well succeed; anything else (INVALID_ARGUMENT,
+# INTERNAL...) is a bug that retrying elsewhere would only repeat.
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
+})
+
+
+class ExpertUnavailableError(RuntimeError):
+    """No reachable replica holds an expert that tokens were routed to."""
+
+
+class ExpertCallError(RuntimeError):
+    """A replica refused a call or answered with something other than what was asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """One expert replica: where to dial it and the (layer, expert) pairs it holds."""
+
+    address: str
+    experts: frozenset[Pair]
+    instance_id: str = ""
+
+
+def replicas_from_registry(registry: Registry, model: str = "") -> list[Replica]:
+    """The live expert replicas in the registry (of ``model``, if given)."""
+    replicas = []
+    for record in registry.list_instances(ROLE):
+        if model and record.capabilities.get("model") != model:
+            continue
+        try:
+            experts = parse_canonical(str(record.capabilities.get("experts", "")))
+        except ValueError as exc:
+            log.warning("skipping expert replica with a bad experts capability",
+                        extra={"instance_id": record.instance_id, "error": str(exc)})
+            continue
+        if experts:
+            replicas.append(Replica(record.address, experts, record.instance_id))
+    return replicas
+
+
+class RemoteExpertBackend:
+    """:class:`~cleave.models.moe.ExpertBackend` over expert replicas.
+
+    ``replicas`` is a static list; with ``registry`` the list is read from Redis too,
+    every ``refresh_seconds`` and after a failure. ``timeout`` bounds each call; a failed
+    replica is avoided for ``down_seconds`` (then tried again, since it may be back).
+    """
+
+    def __init__(
+        self,
+        replicas: Sequence[Replica] = (),
+        *,
+        registry: Registry | None = None,
+        model: str = "",
+        timeout: float = 10.0,
+        refresh_seconds: float = 5.0,
+        down_seconds: float = 5.0,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, not {timeout}")
+        self.static = list(replicas)
+        self.registry = registry
+        self.model = model
+        self.timeout = timeout
+        self.refresh_seconds = refresh_seconds
+        self.down_seconds = down_seconds
+        self.replicas: list[Replica] = list(self.static)
+        self._next_refresh = 0.0
+        self._down_until: dict[str, float] = {}
+        self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.ExpertStub]] = {}
+        self.num_forwards = 0
+        self.num_calls = 0
+        self.num_failovers = 0
+        if registry is not None:
+            self.refresh()
+
+    @classmethod
+    def from_registry(cls, redis_url: str, **kwargs) -> "RemoteExpertBackend":
+        return cls(registry=Registry.from_url(redis_url), **kwargs)
+
+    def refresh(self) -> None:
+        """Re-read the replica list from the registry (a Redis error keeps the old one)."""
+        if self.registry is None:
+            return
+        self._next_refresh = time.monotonic() + self.refresh_seconds
+        try:
+            found = replicas_from_registry(self.registry, self.model)
+        except redis.RedisError as exc:
+            log.warning("expert registry refresh failed", extra={"error": str(exc)})
+            return
+        addresses = {replica.address for replica in self.static}
+        self.replicas = self.static + [replica for replica in found if replica.address not in addresses]
+
+    def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            channel.close()
+        self._stubs.clear()
+        if self.registry is not None:
+            self.registry.client.close()
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = topk_ids.shape
+        if num_tokens == 0:
+            return hidden.new_zeros(hidden.shape)
+        self.num_forwards += 1
+        if self.registry is not None and time.monotonic() >= self._next_refresh:
+            self.refresh()
+        device = hidden.device
+        hidden, topk_ids = hidden.detach().cpu(), topk_ids.cpu()
+        topk_weights = topk_weights.detach().cpu().float()
+        slots = torch.zeros(num_tokens * top_k, hidden.shape[-1], dtype=hidden.dtype)
+        pending = set(topk_ids.flatten().tolist())
+        failed: dict[str, str] = {}
+        refreshed = False
+        while pending:
+            try:
+                plan = self._plan(layer, pending, failed)
+            except ExpertUnavailableError:
+                if refreshed or self.registry is None:
+                    raise
+                self.refresh()
+                refreshed = True
+                continue
+            calls = [self._send(address, layer, experts, hidden, topk_ids, topk_weights)
+                     for address, experts in plan.items()]
+            for address, experts, rows, future in calls:
+                try:
+                    response = future.result()
+                except grpc.RpcError as exc:
+                    if exc.code() not in RETRYABLE:
+                        raise ExpertCallError(
+                            f"expert replica {address} refused layer {layer} experts {experts}: "
+                            f"{exc.code().name}: {exc.details()}"
+                        ) from None
+                    failed[address] = f"{exc.code().name}: {exc.details()}"
+                    self._down_until[address] = time.monotonic() + self.down_seconds
+                    self.num_failovers += 1
+                    log.warning("expert replica failed; retrying its share elsewhere",
+                                extra={"address": address, "layer": layer, "error": failed[address]})
+                    continue
+                self._place(slots, response, address, layer, experts, rows, topk_ids)
+                pending -= set(experts)
+            if pending and not refreshed and self.registry is not None:
+                self.refresh()
+                refreshed = True
+        return accumulate_slots(slots, topk_ids).to(device)
+
+    def _plan(self, layer: int, needed: set[int], failed: dict[str, str]) -> dict[str, list[int]]:
+        """Replica address -> the experts it runs: replicas up now first, then those set
+        aside earlier (they may be back), never one that failed in this forward pass; a
+        greedy cover, so that the layer takes as few calls as it can."""
+        now = time.monotonic()
+        usable = [r for r in self.replicas if r.address not in failed]
+        tiers = [[r for r in usable if self._down_until.get(r.address, 0.0) <= now],
+                 [r for r in usable if self._down_until.get(r.address, 0.0) > now]]
+        plan: dict[str, list[int]] = {}
+        left = set(needed)
+        for tier in tiers:
+            while left:
+                best, cover = None, set()
+                for replica in tier:
+                    if replica.address in plan:
+                        continue
+                    held = {e for e in left if (layer, e) in replica.experts}
+                    if len(held) > len(cover):
+                        best, cover = replica, held
+                if best is None:
+                    break
+                plan[best.address] = sorted(cover)
+                left -= cover
+        if left:
+            missing = format_spec((layer, e) for e in sorted(left))
+            known = ", ".join(f"{r.address} [{format_spec(r.experts)}]" for r in self.replicas) or "none"
+            failures = "; ".join(f"{a}: {m}" for a, m in failed.items())
+            raise ExpertUnavailableError(
+                f"no reachable expert replica holds {missing} (layer:expert); replicas known: {known}"
+                + (f"; failed in this call: {failures}" if failures else "")
+            )
+        return plan
+
+    def _stub(self, address: str) -> pb_grpc.ExpertStub:
+        if address not in self._stubs:
+            channel = grpc.insecure_channel(address, options=channel_options())
+            self._stubs[address] = (channel, pb_grpc.ExpertStub(channel))
+        return self._stubs[address][1]
+
+    def _send(self, address: str, layer: int, experts: list[int], hidden: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor):
+        rows = torch.isin(topk_ids, torch.tensor(experts)).any(dim=1).nonzero().flatten()
+        request = pb.RunExpertsRequest(
+            layer=layer, hidden_states=to_proto(hidden[rows]), topk_ids=to_proto(topk_ids[rows]),
+            topk_weights=to_proto(topk_weights[rows]), expert_ids=experts,
+        )
+        self.num_calls += 1
+        return address, experts, rows, self._stub(address).RunExperts.future(request, timeout=self.timeout)
+
+    @staticmethod
+    def _place(slots: torch.Tensor, response: pb.RunExpertsResponse, address: str, layer: int, experts: list[int],
+               rows: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        top_k = topk_ids.shape[1]
+        sent_ids = topk_ids[rows].flatten()
+        expected = torch.isin(sent_ids, torch.tensor(experts)).nonzero().flatten()
+        local = torch.tensor(list(response.slot_indices), dtype=torch.int64)
+        outputs = from_proto(response.slot_outputs, "slot_outputs")
+        if not torch.equal(local, expected) or outputs.shape != (len(expected), slots.shape[1]) \
+                or outputs.dtype != slots.dtype:
+            raise ExpertCallError(
+                f"expert replica {address} answered layer {layer} experts {experts} with slots "
+                f"{local.tolist()[:8]}... of shape {list(outputs.shape)} {outputs.dtype}; "
+                f"expected {len(expected)} slots of [{slots.shape[1]}] {slots.dtype}"
+            )
+        slots[rows[local // top_k] * top_k + local % top_k] = outputs

@@ -1,0 +1,52 @@
+"""``cleave expert`` / ``python -m cleave.expert``: run one expert replica until SIGTERM
+or SIGINT, which drain it (see cleave.common.grpc_server). Flags and ``CLEAVE_*``
+environment variables are the fields of ``ExpertConfig``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Sequence
+
+from cleave.common import config as typed_config
+from cleave.common import logging as cleave_logging
+from cleave.expert.config import ExpertConfig
+
+
+def parse_config(argv: Sequence[str] | None, prog: str = "cleave expert") -> ExpertConfig:
+    """Read the config from flags and environment; bad values exit with a usage error."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    typed_config.add_arguments(parser, ExpertConfig)
+    namespace = parser.parse_args(argv)
+    try:
+        return typed_config.from_namespace(ExpertConfig, namespace)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+
+
+async def serve(config: ExpertConfig) -> int:
+    from cleave.expert.service import ExpertServer
+
+    server = ExpertServer(config)
+    await server.start()
+    server.grpc.install_signal_handlers()
+    await server.grpc.wait_for_termination()
+    return 0
+
+
+def run_command(command: str, argv: Sequence[str]) -> int:
+    """Entry point of ``cleave expert``."""
+    if command != "expert":
+        raise SystemExit(f"cleave.expert.main cannot run {command!r}")
+    config = parse_config(argv)
+    log = cleave_logging.setup("expert")
+    try:
+        return asyncio.run(serve(config))
+    except (OSError, ValueError, KeyError) as exc:
+        log.error("expert replica failed to start", extra={"error": str(exc)})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_command("expert", sys.argv[1:]))

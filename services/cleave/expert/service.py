@@ -1,0 +1,177 @@
+"""The expert replica's gRPC service (``cleave.v1.Expert``) and the process around it:
+held weights, registry record, metrics port and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import torch
+
+from cleave.common.grpc_server import ServiceServer
+from cleave.common.registry import AsyncRegistration, AsyncRegistry, InstanceRecord
+from cleave.expert.config import ExpertConfig
+from cleave.expert.metrics import ExpertMetrics
+from cleave.expert.spec import format_spec, parse_spec
+from cleave.expert.weights import HeldExperts, load_experts
+from cleave.expert.wire import WireError, from_proto, to_proto
+from cleave.models.config import ModelConfig
+from cleave.models.moe import expert_slot_outputs
+from cleave.protogen.cleave.v1 import expert_pb2 as pb
+from cleave.protogen.cleave.v1 import expert_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cleave.expert")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Expert"].full_name
+ROLE = "expert"
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+def _check_request(request: pb.RunExpertsRequest, experts: HeldExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, set[int]]:
+    config: ModelConfig = experts.config
+    layer = request.layer
+    if layer not in config.moe_layers:
+        raise InvalidRequest(f"layer {layer} is not an MoE layer of this model (MoE layers: {sorted(config.moe_layers)})")
+    try:
+        hidden = from_proto(request.hidden_states, "hidden_states")
+        ids = from_proto(request.topk_ids, "topk_ids")
+        weights = from_proto(request.topk_weights, "topk_weights")
+    except WireError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if hidden.dim() != 2 or hidden.shape[1] != config.hidden_size:
+        raise InvalidRequest(f"hidden_states must be [num_tokens, {config.hidden_size}], got {list(hidden.shape)}")
+    if hidden.dtype != experts.dtype:
+        raise InvalidRequest(f"hidden_states must be {experts.dtype} (this replica's dtype), got {hidden.dtype}")
+    if ids.dtype != torch.int64:
+        raise InvalidRequest(f"topk_ids must be int64, got {ids.dtype}")
+    if weights.dtype != torch.float32:
+        raise InvalidRequest(f"topk_weights must be float32, got {weights.dtype}")
+    num_tokens = hidden.shape[0]
+    if ids.dim() != 2 or ids.shape[0] != num_tokens or ids.shape[1] < 1:
+        raise InvalidRequest(f"topk_ids must be [{num_tokens}, top_k] with top_k >= 1, got {list(ids.shape)}")
+    if weights.shape != ids.shape:
+        raise InvalidRequest(f"topk_weights must have topk_ids' shape {list(ids.shape)}, got {list(weights.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.num_experts):
+        raise InvalidRequest(f"topk_ids must be in [0, {config.num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
+    held = experts.held(layer)
+    if request.expert_ids:
+        wanted = set(request.expert_ids)
+        missing = sorted(wanted - held)
+        if missing:
+            raise InvalidRequest(f"experts {missing} of layer {layer} are not held here (held: {format_spec((layer, e) for e in sorted(held)) or 'none'})")
+        held = wanted
+    return hidden, ids, weights, held
+
+
+def run_experts(experts: HeldExperts, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                held: set[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Slot outputs of the ``held`` experts: (rows, flat slot indices, experts that ran)."""
+    flat_ids = ids.flatten()
+    hit = sorted(held & set(flat_ids.tolist()))
+    if not hit:
+        return hidden.new_zeros(0, hidden.shape[1]), torch.zeros(0, dtype=torch.int64), []
+    with torch.inference_mode():
+        slots = expert_slot_outputs(
+            experts.runner(layer), experts.config.num_experts, hidden, ids, weights, held=set(hit)
+        )
+    indices = torch.isin(flat_ids, torch.tensor(hit)).nonzero().flatten()
+    return slots[indices], indices, hit
+
+
+class ExpertServicer(pb_grpc.ExpertServicer):
+    def __init__(self, experts: HeldExperts, metrics: ExpertMetrics) -> None:
+        self.experts = experts
+        self.metrics = metrics
+
+    async def RunExperts(self, request: pb.RunExpertsRequest, context: grpc.aio.ServicerContext) -> pb.RunExpertsResponse:
+        started = time.perf_counter()
+        try:
+            hidden, ids, weights, held = _check_request(request, self.experts)
+        except InvalidRequest as exc:
+            self.metrics.rejected.labels(code=grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # Off the event loop, so health checks and other calls are answered meanwhile.
+        rows, indices, ran = await asyncio.to_thread(run_experts, self.experts, request.layer, hidden, ids, weights, held)
+        if ran:
+            counts = torch.bincount(ids.flatten(), minlength=self.experts.config.num_experts).tolist()
+            for expert in ran:
+                self.metrics.tokens.labels(layer=str(request.layer), expert=str(expert)).inc(counts[expert])
+        self.metrics.request_seconds.observe(time.perf_counter() - started)
+        return pb.RunExpertsResponse(slot_outputs=to_proto(rows), slot_indices=indices.tolist(), expert_ids=ran)
+
+
+class ExpertServer:
+    """A running replica: ``await start()``, then ``await drain()`` (or a signal)."""
+
+    def __init__(self, config: ExpertConfig, experts: HeldExperts | None = None) -> None:
+        self.config = config
+        if experts is None:
+            model_config = ModelConfig.from_pretrained(config.model)
+            if not model_config.is_moe:
+                raise ValueError(f"{config.model} is not a Mixture-of-Experts model")
+            pairs = parse_spec(config.experts, model_config.moe_layers, model_config.num_experts)
+            experts = load_experts(config.model, pairs, config.dtype)
+        self.experts = experts
+        self.metrics = ExpertMetrics(config.instance_id, len(experts.pairs))
+        self.registration: AsyncRegistration | None = None
+        self.grpc: ServiceServer | None = None  # made in start(): grpc.aio binds to the running loop
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the gRPC server, once started."""
+        assert self.grpc is not None, "start() first"
+        return self.grpc.address
+
+    def capabilities(self) -> dict[str, object]:
+        """The registry record's capabilities; ``experts`` is the canonical spec that
+        :class:`cleave.expert.client.RemoteExpertBackend` reads."""
+        model = self.experts.config
+        return {
+            "experts": format_spec(self.experts.pairs),
+            "model": str(self.config.model).rstrip("/").rsplit("/", 1)[-1],
+            "family": model.family,
+            "num_experts": model.num_experts,
+            "dtype": self.config.dtype,
+            "metrics_port": self.metrics_port,
+        }
+
+    async def start(self) -> None:
+        """Bind, serve, then register."""
+        config = self.config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.grpc = ServiceServer(
+            config.host, config.port, [SERVICE_NAME], drain_grace=config.drain_grace_seconds,
+            advertise=config.advertise_address,
+        )
+        pb_grpc.add_ExpertServicer_to_server(ExpertServicer(self.experts, self.metrics), self.grpc.server)
+        if config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        await self.grpc.start()
+        if config.redis_url:
+            record = InstanceRecord(ROLE, config.instance_id, self.grpc.address, capabilities=self.capabilities())
+            registry = AsyncRegistry.from_url(config.redis_url)
+            self.registration = AsyncRegistration(registry, record, ttl=config.registry_ttl_seconds)
+            await self.registration.start()
+            self.grpc.registration = self.registration
+            self.grpc.after_stop(registry.close)
+        self.grpc.after_stop(self._close)
+        log.info(
+            "expert replica ready",
+            extra={"address": self.grpc.address, "metrics_port": self.metrics_port,
+                   "experts": format_spec(self.experts.pairs), "instance_id": config.instance_id},
+        )
+
+    async def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING, deregister, finish in-flight calls, stop."""
+        assert self.grpc is not None, "start() first"
+        await self.grpc.drain(grace)
+
+    async def _close(self) -> None:
+        self.metrics.close()

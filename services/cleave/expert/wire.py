@@ -1,0 +1,46 @@
+"""torch tensors to and from ``cleave.v1.Tensor`` (raw little-endian bytes, row-major)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from cleave.protogen.cleave.v1 import common_pb2
+
+DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "int64": torch.int64, "int32": torch.int32,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+assert sys.byteorder == "little", "the wire format is little-endian"
+
+
+class WireError(ValueError):
+    """A Tensor message that does not describe a tensor."""
+
+
+def to_proto(tensor: torch.Tensor) -> common_pb2.Tensor:
+    tensor = tensor.detach().to("cpu").contiguous()
+    data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return common_pb2.Tensor(data=data, shape=list(tensor.shape), dtype=DTYPE_NAMES[tensor.dtype])
+
+
+def from_proto(message: common_pb2.Tensor, what: str) -> torch.Tensor:
+    """The tensor of ``message``; raises :class:`WireError` naming ``what`` when the
+    dtype is unknown or the bytes do not match the shape."""
+    dtype = DTYPES.get(message.dtype)
+    if dtype is None:
+        raise WireError(f"{what}: unknown dtype {message.dtype!r} (one of {', '.join(DTYPES)})")
+    shape = list(message.shape)
+    if any(size < 0 for size in shape):
+        raise WireError(f"{what}: negative size in shape {shape}")
+    numel = 1
+    for size in shape:
+        numel *= size
+    expected = numel * torch.empty((), dtype=dtype).element_size()
+    if len(message.data) != expected:
+        raise WireError(f"{what}: {len(message.data)} bytes for shape {shape} of {message.dtype} ({expected} expected)")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(message.data), dtype=torch.uint8).view(dtype).reshape(shape)

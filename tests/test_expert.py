@@ -1,0 +1,317 @@
+"""Expert replicas over real gRPC on 127.0.0.1: remote experts give the engine the same
+greedy tokens as local ones (and so as transformers), a failed replica's share moves to
+another holding the same experts, and bad calls get INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cleave.common.registry import Registry
+from cleave.engine import SamplingParams
+from cleave.engine.config import EngineConfig
+from cleave.engine.llm_engine import LLMEngine
+from cleave.expert.client import ExpertUnavailableError, RemoteExpertBackend, Replica
+from cleave.expert.config import ExpertConfig
+from cleave.expert.service import ExpertServer
+from cleave.expert.spec import format_spec, parse_canonical, parse_spec
+from cleave.expert.weights import load_experts
+from cleave.expert.wire import to_proto
+from cleave.models.loader import load_model
+from cleave.protogen.cleave.v1 import common_pb2
+from cleave.protogen.cleave.v1 import expert_pb2 as pb
+from cleave.protogen.cleave.v1 import expert_pb2_grpc as pb_grpc
+from reference import assert_greedy_equal, load_hf, mixed_prompts
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe"]
+MAX_NEW = 16
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+class Replica_:
+    """An :class:`ExpertServer` on its own event loop in a thread of this process."""
+
+    def __init__(self, model, experts: str, redis_url: str = "", instance_id: str = "") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        config = ExpertConfig(model=str(model), experts=experts, port=0, metrics_port=0, redis_url=redis_url,
+                              instance_id=instance_id or f"expert-test-{id(self)}", drain_grace_seconds=0)
+        self.server = ExpertServer(config)
+        self._run(self.server.start())
+        self.address = self.server.address
+        self.replica = Replica(self.address, self.server.experts.pairs, config.instance_id)
+
+    def _run(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def kill(self) -> None:
+        """Stop at once, cancelling calls in flight, as a crashed process would."""
+        self._run(self.server.grpc.server.stop(0))
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self._run(self.server.drain(0))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+@pytest.fixture
+def replicas():
+    started: list[Replica_] = []
+
+    def start(model, experts: str, **kwargs) -> Replica_:
+        started.append(Replica_(model, experts, **kwargs))
+        return started[-1]
+
+    yield start
+    for replica in started:
+        replica.stop()
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def family(request, tiny_models):
+    path = tiny_models[request.param]
+    return request.param, path, load_hf(path)
+
+
+def make_engine(path) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), block_size=8, num_kv_blocks=512))
+
+
+# -- specs and weights ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, pairs", [
+    ("0-3", {(l, e) for l in (0, 1) for e in range(4)}),
+    ("0,2", {(0, 0), (0, 2), (1, 0), (1, 2)}),
+    ("1:4-7", {(1, e) for e in range(4, 8)}),
+    ("0:1,1:2", {(0, 1), (1, 2)}),
+    ("all", {(l, e) for l in (0, 1) for e in range(8)}),
+])
+def test_spec_round_trip(spec, pairs):
+    parsed = parse_spec(spec, [0, 1], 8)
+    assert parsed == pairs
+    assert parse_canonical(format_spec(parsed)) == parsed
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty"), ("8", "expert 8 >= num_experts 8"), ("2:0", "layer 2 is not an MoE layer"),
+    ("a-b", "bad expert"), ("3-1", "bad expert range"),
+])
+def test_bad_spec(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec, [0, 1], 8)
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_loads_only_held_experts_equal_to_model(tiny_models, name):
+    model = load_model(tiny_models[name])
+    held = load_experts(tiny_models[name], frozenset({(1, 3), (0, 5)}))
+    assert held.pairs == {(1, 3), (0, 5)}
+    for layer, expert in held.pairs:
+        weights = model.layers[layer].mlp.experts
+        assert torch.equal(held.gate_up[layer, expert], weights.gate_up[expert])
+        assert torch.equal(held.down[layer, expert], weights.down[expert])
+
+
+# -- exactness ---------------------------------------------------------------------------
+
+
+def test_remote_experts_equal_local_and_transformers(family, replicas):
+    name, path, hf = family
+    first, second = replicas(path, "0-3"), replicas(path, "4-7")
+    local = make_engine(path)
+    remote = make_engine(path)
+    backend = RemoteExpertBackend([first.replica, second.replica], timeout=30)
+    remote.model.set_expert_backend(backend)
+    prompts = mixed_prompts(hf.config.vocab_size, 16, seed=11)
+    expected = local.generate(prompts, GREEDY)
+    assert remote.generate(prompts, GREEDY) == expected
+    assert_greedy_equal(hf, prompts, expected, MAX_NEW)
+    # One call per replica per MoE layer forward, at most.
+    assert backend.num_forwards > 0 and backend.num_calls <= 2 * backend.num_forwards
+    assert backend.num_failovers == 0
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 8])
+def test_slots_bit_identical_for_any_top_k(tiny_models, replicas, top_k):
+    path = tiny_models["mixtral"]
+    model = load_model(path)
+    first, second = replicas(path, "0,2,4,6"), replicas(path, "1,3,5,7")
+    backend = RemoteExpertBackend([first.replica, second.replica], timeout=30)
+    generator = torch.Generator().manual_seed(top_k)
+    hidden = torch.randn(37, model.config.hidden_size, generator=generator)
+    probs = torch.rand(37, 8, generator=generator).softmax(-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    for layer in (0, 1):
+        local = model.local_expert_backend().forward(layer, hidden, ids, weights)
+        assert torch.equal(backend.forward(layer, hidden, ids, weights), local)
+
+
+# -- failover ----------------------------------------------------------------------------
+
+
+def test_failover_to_a_replica_holding_the_same_experts(tiny_models, replicas):
+    path = tiny_models["mixtral"]
+    doomed, backup, rest = replicas(path, "0-3"), replicas(path, "0-3"), replicas(path, "4-7")
+    local = make_engine(path)
+    prompts = mixed_prompts(512, 16, seed=12)
+    expected = local.generate(prompts, GREEDY)
+    remote = make_engine(path)
+    # The doomed replica comes first, so the backend sends it experts 0-3 until it dies.
+    backend = RemoteExpertBackend([doomed.replica, backup.replica, rest.replica], timeout=30)
+    remote.model.set_expert_backend(backend)
+    for index, prompt in enumerate(prompts):
+        remote.add_request(str(index), prompt, GREEDY)
+    outputs: dict[str, list[int]] = {}
+    steps = 0
+    while remote.has_unfinished():
+        if steps == 3:
+            doomed.kill()
+        for out in remote.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        steps += 1
+    assert backend.num_failovers >= 1
+    assert [outputs[key] for key in sorted(outputs, key=int)] == expected
+
+
+def test_no_replica_left_raises_quickly(tiny_models, replicas):
+    path = tiny_models["mixtral"]
+    first, second = replicas(path, "0-3"), replicas(path, "4-7")
+    engine = make_engine(path)
+    engine.model.set_expert_backend(RemoteExpertBackend([first.replica, second.replica], timeout=5))
+    second.kill()
+    started = time.monotonic()
+    with pytest.raises(ExpertUnavailableError, match=r"no reachable expert replica holds .*:4-7|failed in this call"):
+        engine.generate(mixed_prompts(512, 4, seed=13), GREEDY)
+    assert time.monotonic() - started < 10
+
+
+def test_uncovered_expert_raises_without_calling(tiny_models, replicas):
+    path = tiny_models["mixtral"]
+    only = replicas(path, "0-3")
+    backend = RemoteExpertBackend([only.replica], timeout=5)
+    hidden = torch.randn(2, 64)
+    with pytest.raises(ExpertUnavailableError, match="0:5"):
+        backend.forward(0, hidden, torch.tensor([[0, 5], [1, 2]]), torch.full((2, 2), 0.5))
+    assert backend.num_calls == 0
+
+
+# -- the service -------------------------------------------------------------------------
+
+
+def _request(layer=0, hidden=None, ids=None, weights=None, experts=()):
+    hidden = torch.randn(3, 64) if hidden is None else hidden
+    ids = torch.tensor([[0, 1], [2, 3], [1, 0]]) if ids is None else ids
+    weights = torch.full(tuple(ids.shape), 0.5) if weights is None else weights
+    return pb.RunExpertsRequest(layer=layer, hidden_states=to_proto(hidden), topk_ids=to_proto(ids),
+                                topk_weights=to_proto(weights), expert_ids=list(experts))
+
+
+@pytest.mark.parametrize("request_, message", [
+    (_request(layer=5), "layer 5 is not an MoE layer"),
+    (_request(hidden=torch.randn(3, 63)), r"hidden_states must be \[num_tokens, 64\]"),
+    (_request(hidden=torch.randn(3, 64, dtype=torch.float64).half()), "hidden_states must be torch.float32"),
+    (_request(ids=torch.tensor([[0, 9], [1, 2], [0, 1]])), r"topk_ids must be in \[0, 8\)"),
+    (_request(ids=torch.tensor([[0, 1], [1, 2]])), r"topk_ids must be \[3, top_k\]"),
+    (_request(ids=torch.tensor([[0, 1], [2, 3], [1, 0]], dtype=torch.int32)), "topk_ids must be int64"),
+    (_request(weights=torch.ones(3, 3)), "topk_weights must have topk_ids' shape"),
+    (_request(experts=[5]), r"experts \[5\] of layer 0 are not held here"),
+    (pb.RunExpertsRequest(layer=0, hidden_states=common_pb2.Tensor(data=b"xx", shape=[3, 64], dtype="float32")),
+     "hidden_states: 2 bytes for shape"),
+    (pb.RunExpertsRequest(layer=0, hidden_states=common_pb2.Tensor(dtype="complex64")), "unknown dtype"),
+])
+def test_bad_input_is_invalid_argument(tiny_models, replicas, request_, message):
+    replica = replicas(tiny_models["mixtral"], "0-3")
+    with grpc.insecure_channel(replica.address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.ExpertStub(channel).RunExperts(request_, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, caught.value.details())
+
+
+def test_unheld_slots_are_not_returned(tiny_models, replicas):
+    replica = replicas(tiny_models["mixtral"], "0-3")
+    with grpc.insecure_channel(replica.address) as channel:
+        response = pb_grpc.ExpertStub(channel).RunExperts(
+            _request(ids=torch.tensor([[0, 5], [6, 7], [4, 2]])), timeout=10
+        )
+    assert list(response.slot_indices) == [0, 5]
+    assert list(response.expert_ids) == [0, 2]
+    assert list(response.slot_outputs.shape) == [2, 64]
+
+
+def test_health_registry_and_metrics(tiny_models, replicas, redis_url):
+    import httpx
+
+    replica = replicas(tiny_models["mixtral"], "1:4-7", redis_url=redis_url, instance_id="expert-a")
+    with grpc.insecure_channel(replica.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "cleave.v1.Expert"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    registry = Registry.from_url(redis_url)
+    record = registry.get("expert", "expert-a")
+    assert record is not None and record.address == replica.address
+    assert record.capabilities["experts"] == "1:4-7"
+    assert parse_canonical(record.capabilities["experts"]) == {(1, e) for e in range(4, 8)}
+
+    backend = RemoteExpertBackend(registry=Registry.from_url(redis_url), timeout=10)
+    assert backend.replicas == [replica.replica]
+    ids = torch.tensor([[4, 5], [5, 6]])
+    backend.forward(1, torch.randn(2, 64), ids, torch.full((2, 2), 0.5))
+    body = httpx.get(f"http://127.0.0.1:{replica.server.metrics_port}/metrics", timeout=10).text
+    assert 'cleave_expert_tokens_total{expert="5",layer="1"} 2.0' in body
+    assert "cleave_expert_request_seconds_count 1.0" in body
+
+    replica.stop()  # a drain deregisters at once
+    assert registry.get("expert", "expert-a") is None
+    backend.close()
+
+
+def test_process_serves_registers_and_fails_over(tiny_models, redis_url):
+    """``python -m cleave.expert`` as real processes; SIGKILL one, the backend moves on."""
+    path = tiny_models["qwen2_moe"]
+    env = {**os.environ, "CLEAVE_REDIS_URL": redis_url, "CLEAVE_METRICS_PORT": "0"}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "cleave.expert", "--model", str(path), "--experts", spec,
+                          "--port", "0", "--instance-id", f"proc-{i}", "--num-threads", "1"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for i, spec in enumerate(["all", "all"])
+    ]
+    try:
+        registry = Registry.from_url(redis_url)
+        deadline = time.monotonic() + 60
+        while len(registry.list_instances("expert")) < 2:
+            assert all(p.poll() is None for p in procs), procs[0].stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "replicas did not register"
+            time.sleep(0.05)
+        backend = RemoteExpertBackend(registry=registry, timeout=10)
+        engine = make_engine(path)
+        engine.model.set_expert_backend(backend)
+        prompts = mixed_prompts(512, 4, seed=14)
+        expected = make_engine(path).generate(prompts, GREEDY)
+        assert engine.generate(prompts, GREEDY) == expected
+        first = backend.replicas[0].instance_id
+        procs[int(first.split("-")[1])].kill()
+        assert engine.generate(prompts, GREEDY) == expected
+        assert backend.num_failovers >= 1
+        survivor = procs[1 - int(first.split("-")[1])]
+        survivor.terminate()  # SIGTERM drains and deregisters
+        assert survivor.wait(30) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
