@@ -208,6 +208,54 @@ def test_uncovered_expert_raises_without_calling(tiny_models, replicas):
     assert backend.num_calls == 0
 
 
+class _Hung(pb_grpc.ExpertServicer):
+    async def RunExperts(self, request, context):
+        await asyncio.Event().wait()
+
+
+def test_hung_replica_costs_one_deadline(tiny_models, replicas):
+    """A replica that accepts calls and never answers: its share moves on after the
+    deadline, and with nowhere to move it the error comes after the deadline, not never."""
+    path = tiny_models["mixtral"]
+    model = load_model(path)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def serve():
+        server = grpc.aio.server()
+        pb_grpc.add_ExpertServicer_to_server(_Hung(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    try:
+        every = frozenset((layer, e) for layer in (0, 1) for e in range(8))
+        hung = Replica(f"127.0.0.1:{port}", every)
+        healthy = replicas(path, "all")
+        hidden = torch.randn(5, 64)
+        weights, ids = torch.topk(torch.rand(5, 8).softmax(-1), 2, dim=-1)
+        expected = model.local_expert_backend().forward(0, hidden, ids, weights)
+
+        backend = RemoteExpertBackend([hung, healthy.replica], timeout=1)
+        started = time.monotonic()
+        assert torch.equal(backend.forward(0, hidden, ids, weights), expected)
+        assert torch.equal(backend.forward(1, hidden, ids, weights), model.local_expert_backend().forward(1, hidden, ids, weights))
+        assert backend.num_failovers == 1  # set aside after its first deadline
+        assert time.monotonic() - started < 4
+
+        alone = RemoteExpertBackend([hung], timeout=1)
+        started = time.monotonic()
+        with pytest.raises(ExpertUnavailableError, match="DEADLINE_EXCEEDED"):
+            alone.forward(0, hidden, ids, weights)
+        assert time.monotonic() - started < 4
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
 # -- the service -------------------------------------------------------------------------
 
 
