@@ -38,7 +38,7 @@ MAX_NEW = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 
 
-class Replica_:
+class ThreadReplica:
     """An :class:`ExpertServer` on its own event loop in a thread of this process."""
 
     def __init__(self, model, experts: str, redis_url: str = "", instance_id: str = "") -> None:
@@ -68,10 +68,10 @@ class Replica_:
 
 @pytest.fixture
 def replicas():
-    started: list[Replica_] = []
+    started: list[ThreadReplica] = []
 
-    def start(model, experts: str, **kwargs) -> Replica_:
-        started.append(Replica_(model, experts, **kwargs))
+    def start(model, experts: str, **kwargs) -> ThreadReplica:
+        started.append(ThreadReplica(model, experts, **kwargs))
         return started[-1]
 
     yield start
