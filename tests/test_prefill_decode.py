@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -210,13 +212,15 @@ def test_seeded_sampling_equals_single_process(cluster, vocab_size):
 
 def test_decode_worker_killed_mid_stream_resumes_elsewhere(cluster, hf_model, vocab_size):
     prompt = mixed_prompts(vocab_size, 1, seed=41, min_len=37, max_len=37)[0]
-    sampled = SamplingParams(temperature=0.8, max_tokens=24, seed=7, ignore_eos=True)
+    # Long enough that the worker is still generating when it is killed.
+    max_tokens = 300
+    sampled = SamplingParams(temperature=0.8, max_tokens=max_tokens, seed=7, ignore_eos=True)
     expected_sampled = LLMEngine(EngineConfig(model=cluster.model_dir, **ENGINE)).generate([prompt], sampled)[0]
     victim = cluster.decode_stub(2)
     survivor = cluster.decode_stub(1)
     prefill = cluster.prefill_stub(0)
     streams = {}
-    for name, params in (("greedy", greedy(24)), ("sampled", params_to_proto(sampled))):
+    for name, params in (("greedy", greedy(max_tokens)), ("sampled", params_to_proto(sampled))):
         first = prefill.Prefill(prefill_pb2.PrefillRequest(request_id=f"failover-{name}", token_ids=prompt,
                                                            params=params), timeout=60)
         stream = victim.Decode(decode_pb2.DecodeRequest(
@@ -232,7 +236,7 @@ def test_decode_worker_killed_mid_stream_resumes_elsewhere(cluster, hf_model, vo
         with pytest.raises(grpc.RpcError):
             for item in stream:  # whatever was in flight when it died still counts as sent
                 tokens.extend(item.token_ids)
-        assert 5 <= len(tokens) < 24
+        assert 5 <= len(tokens) < max_tokens
         resumed = survivor.Decode(decode_pb2.DecodeRequest(
             request_id=f"failover-{name}", token_ids=prompt + tokens, block_hashes=first.block_hashes,
             params=params, num_generated=len(tokens),
@@ -240,7 +244,7 @@ def test_decode_worker_killed_mid_stream_resumes_elsewhere(cluster, hf_model, vo
         items = list(resumed)
         tokens.extend(t for item in items for t in item.token_ids)
         assert items[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-    assert_greedy_equal(hf_model, [prompt], [streams["greedy"][3]], 24)
+    assert_greedy_equal(hf_model, [prompt], [streams["greedy"][3]], max_tokens)
     assert streams["sampled"][3] == expected_sampled
 
 
@@ -325,3 +329,59 @@ def test_entry_point_help(role):
                          timeout=60)
     assert out.returncode == 0
     assert "--kv-pin-seconds" in out.stdout and "--block-size" in out.stdout
+
+
+def test_client_cancel_aborts_the_engine_request(cluster, vocab_size):
+    prompt = mixed_prompts(vocab_size, 1, seed=61, min_len=30, max_len=30)[0]
+    first = cluster.prefill_stub(0).Prefill(
+        prefill_pb2.PrefillRequest(request_id="cancel", token_ids=prompt, params=greedy(400)), timeout=30)
+    stream = cluster.decode_stub(0).Decode(decode_pb2.DecodeRequest(
+        request_id="cancel", token_ids=prompt + [first.first_token_id], block_hashes=first.block_hashes,
+        params=greedy(400), num_generated=1), timeout=60)
+    next(stream)
+    stream.cancel()
+    engine = cluster.decode[0].engine
+    deadline = time.monotonic() + 10
+    while engine.stats()["num_requests"] or engine.stats()["num_running"]:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.02)
+    assert metric(cluster.decode[0].metrics_port, "cleave_decode_requests_total", outcome="cancelled") >= 1
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_process_serves_then_drains_on_sigterm(role, tiny_models, redis_url):
+    env = {**os.environ, "CLEAVE_MODEL": str(tiny_models["llama"]), "CLEAVE_REDIS_URL": redis_url,
+           "CLEAVE_INSTANCE_ID": f"{role}-proc", "CLEAVE_PORT": "0", "CLEAVE_METRICS_PORT": "0",
+           "CLEAVE_NUM_KV_BLOCKS": "64", "CLEAVE_MAX_MODEL_LEN": "256"}
+    proc = subprocess.Popen([sys.executable, "-m", f"cleave.{role}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    registry = Registry.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        # The module's cluster registers in the same Redis: wait for this process's own record.
+        while (record := registry.get(role, f"{role}-proc")) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "no record"
+            time.sleep(0.05)
+        with grpc.insecure_channel(record.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert registry.get(role, f"{role}-proc") is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_unreachable_store_costs_reuse_not_the_request(cluster, vocab_size):
+    prompt = mixed_prompts(vocab_size, 1, seed=71, min_len=40, max_len=40)[0]
+    dead = common_pb2.InstanceInfo(role="kvstore", instance_id="gone", address="127.0.0.1:1")
+    port = cluster.prefill[0].metrics_port
+    errors_before = metric(port, "cleave_prefill_kv_errors_total")
+    first = cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(
+        request_id="dead-store", token_ids=prompt, params=greedy(4), kvstore_targets=[dead]), timeout=30)
+    assert list(first.block_hashes) == []
+    assert metric(port, "cleave_prefill_kv_errors_total") > errors_before
+    tokens, _ = generate(cluster.prefill_stub(1), cluster.decode_stub(0), "live-store", prompt, greedy(4))
+    assert tokens[0] == first.first_token_id

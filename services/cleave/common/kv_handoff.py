@@ -121,6 +121,7 @@ class EngineGuard:
 class TransferStats:
     num_blocks: int = 0
     num_bytes: int = 0
+    num_errors: int = 0
 
 
 class KVHandoff:
@@ -172,6 +173,7 @@ class KVHandoff:
                 owners = await kvindex.lookup(self.redis, block_hashes)
             except Exception as exc:  # the index is advisory; rendezvous still finds most blocks
                 log.warning("KV index lookup failed", extra={"error": str(exc)})
+                stats.num_errors += 1
         groups: dict[str, list[int]] = {}
         for block_hash, owner in zip(block_hashes, owners):
             if owner not in by_id:
@@ -185,6 +187,7 @@ class KVHandoff:
         for sid, result in zip(groups, results):
             if isinstance(result, BaseException):
                 log.warning("KV store read failed", extra={"store": sid, "error": str(result)})
+                stats.num_errors += 1
                 continue
             found.update(result)
         blocks: list[KVBlock] = []
@@ -240,6 +243,7 @@ class KVHandoff:
         for sid, result in zip(groups, results):
             if isinstance(result, BaseException):
                 log.warning("KV store write failed", extra={"store": sid, "error": str(result)})
+                stats.num_errors += 1
         hashes: list[int] = []
         for block in blocks:
             if block.block_hash not in stored:
@@ -349,6 +353,7 @@ class WorkerMetrics:
     def count_transfer(self, direction: str, stats: TransferStats) -> None:
         self.kv_blocks.labels(direction=direction).inc(stats.num_blocks)
         self.kv_bytes.labels(direction=direction).inc(stats.num_bytes)
+        self.kv_errors.inc(stats.num_errors)
 
     def serve(self, host: str, port: int) -> int:
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -394,7 +399,9 @@ class WorkerServer:
     def load(self) -> dict[str, float]:
         raise NotImplementedError
 
-    async def start(self) -> None:
+    async def start(self, install_signal_handlers: bool = False) -> None:
+        """Serve, then register. With ``install_signal_handlers`` SIGTERM/SIGINT drain
+        from the moment the server is up, so that a signal during registration is not fatal."""
         config = self.config
         self.engine.start()
         if config.redis_url:
@@ -408,6 +415,8 @@ class WorkerServer:
         self.add_servicer(self.grpc.server)
         self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
         await self.grpc.start()
+        if install_signal_handlers:
+            self.grpc.install_signal_handlers()
         if self.redis is not None:
             engine = self.engine.engine
             record = InstanceRecord(
@@ -473,8 +482,7 @@ def run_worker(role: str, config_cls: type, server_cls: type, command: str, argv
 
     async def serve() -> int:
         server = server_cls(config)
-        await server.start()
-        server.grpc.install_signal_handlers()
+        await server.start(install_signal_handlers=True)
         await server.grpc.wait_for_termination()
         return 0
 
