@@ -20,7 +20,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import grpc
 import redis.asyncio as aioredis
@@ -491,15 +491,4 @@ def run_worker(role: str, config_cls: type, server_cls: type, command: str, argv
     except (OSError, ValueError) as exc:
         logger.error(f"{role} failed to start", extra={"error": str(exc)})
         return 1
-
-
-async def abort_invalid(context: grpc.aio.ServicerContext, message: str) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def check_token_ids(token_ids: Iterable[int]) -> list[int]:
-    token_ids = list(token_ids)
-    if not token_ids:
-        raise ValueError("token_ids is empty")
-    return token_ids
 

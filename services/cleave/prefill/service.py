@@ -125,11 +125,10 @@ class PrefillServer(WorkerServer):
 
     def load(self) -> dict[str, float]:
         stats = self.engine.stats()
-        queued = self.servicer.num_queued_prompt_tokens if hasattr(self, "servicer") else 0
         return {
             "num_running": stats["num_running"],
             "num_waiting": stats["num_waiting"],
             "num_requests": stats["num_requests"],
-            "num_queued_prompt_tokens": queued,
+            "num_queued_prompt_tokens": self.servicer.num_queued_prompt_tokens,
             "num_free_kv_blocks": stats["num_free_kv_blocks"],
         }
