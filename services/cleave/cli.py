@@ -14,6 +14,10 @@ SUBCOMMANDS = {
     "down": "cleave.launcher",
     "status": "cleave.launcher",
     "model": "cleave.modelzoo.cli",
+    "prefill": "cleave.prefill.main",
+    "decode": "cleave.decode.main",
+    "kvstore": "cleave.kvstore.main",
+    "expert": "cleave.expert.main",
 }
 
 
