@@ -41,9 +41,11 @@ def run_command(command: str, argv: Sequence[str]) -> int:
         raise SystemExit(f"cleave.kvstore.main cannot run {command!r}")
     config = parse_config(argv)
     log = cleave_logging.setup("kvstore")
+    import redis
+
     try:
         return asyncio.run(serve(config))
-    except OSError as exc:
+    except (OSError, RuntimeError, redis.RedisError) as exc:  # a taken port, an unreachable Redis
         log.error("kvstore failed to start", extra={"error": str(exc)})
         return 1
 
