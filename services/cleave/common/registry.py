@@ -95,7 +95,12 @@ def _delete(pipe: Any, role: str, instance_id: str) -> None:
     pipe.srem(members_key(role), instance_id)
 
 
-def _parse_live(role: str, ids: list[str], raws: list[Any]) -> tuple[list[InstanceRecord], list[str]]:
+def _text(value: str | bytes) -> str:
+    # Callers may hand in clients without decode_responses.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _parse_live(ids: list[str], raws: list[Any]) -> tuple[list[InstanceRecord], list[str]]:
     live, dead = [], []
     for instance_id, raw in zip(ids, raws):
         if raw is None:
@@ -128,13 +133,13 @@ class Registry:
 
     def list_instances(self, role: str | None = None) -> list[InstanceRecord]:
         """Live instances of ``role`` (of every role if None), ordered by role then id."""
-        roles = [role] if role else sorted(self.client.smembers(ROLES_KEY))
+        roles = [role] if role else sorted(map(_text, self.client.smembers(ROLES_KEY)))
         records: list[InstanceRecord] = []
         for each in roles:
-            ids = sorted(self.client.smembers(members_key(each)))
+            ids = sorted(map(_text, self.client.smembers(members_key(each))))
             if not ids:
                 continue
-            live, dead = _parse_live(each, ids, self.client.mget([instance_key(each, i) for i in ids]))
+            live, dead = _parse_live(ids, self.client.mget([instance_key(each, i) for i in ids]))
             if dead:
                 self.client.srem(members_key(each), *dead)
             records.extend(live)
@@ -166,13 +171,13 @@ class AsyncRegistry:
             await pipe.execute()
 
     async def list_instances(self, role: str | None = None) -> list[InstanceRecord]:
-        roles = [role] if role else sorted(await self.client.smembers(ROLES_KEY))
+        roles = [role] if role else sorted(map(_text, await self.client.smembers(ROLES_KEY)))
         records: list[InstanceRecord] = []
         for each in roles:
-            ids = sorted(await self.client.smembers(members_key(each)))
+            ids = sorted(map(_text, await self.client.smembers(members_key(each))))
             if not ids:
                 continue
-            live, dead = _parse_live(each, ids, await self.client.mget([instance_key(each, i) for i in ids]))
+            live, dead = _parse_live(ids, await self.client.mget([instance_key(each, i) for i in ids]))
             if dead:
                 await self.client.srem(members_key(each), *dead)
             records.extend(live)
