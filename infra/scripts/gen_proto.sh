@@ -11,8 +11,11 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 OUT=services/cleave/protogen
 
 # Concurrent runs (parallel test sessions, install.sh) must not interleave their renames.
-exec 9<"$0"
-flock 9
+# flock is util-linux; where it is missing (macOS) runs are simply not serialized.
+if command -v flock >/dev/null; then
+  exec 9<"$0"
+  flock 9
+fi
 
 mapfile -t protos < <(find proto -name '*.proto' | LC_ALL=C sort)
 ((${#protos[@]})) || { echo "gen_proto: no .proto files under proto/" >&2; exit 1; }
