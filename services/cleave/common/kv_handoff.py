@@ -12,29 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import math
 import os
 import socket
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import grpc
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cleave.common.grpc_server import ServiceServer
+from cleave.common.metrics_http import MetricsHTTPServer
 from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistration, AsyncRegistry, InstanceRecord
 from cleave.engine.async_engine import AsyncLLMEngine
 from cleave.engine.config import EngineConfig
 from cleave.engine.kv_transfer import KVBlock
-from cleave.engine.llm_engine import LLMEngine
 from cleave.engine.sampling_params import SamplingParams
 from cleave.kvstore import index as kvindex
 from cleave.kvstore.client import KVStoreClient, choose_store, group_by_store
+from cleave.modelzoo.registry import resolve
 from cleave.protogen.cleave.v1 import common_pb2
 
 log = logging.getLogger("cleave.kv_handoff")
@@ -82,38 +80,6 @@ def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     return msg
 
 
-# -- the engine between the asyncio front and its loop thread ----------------------------
-
-
-class EngineGuard:
-    """Serializes KV import/export with the engine loop's own mutations of the block
-    pool. ``AsyncLLMEngine`` runs ``step``/``add_request``/``abort_request`` on its
-    thread and has no command for block transfer, so those three are wrapped in one
-    lock that :meth:`run` also takes; the lock is held per step, never per request."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.lock = threading.Lock()
-        for name in ("step", "add_request", "abort_request"):
-            method = getattr(engine, name)
-            setattr(engine, name, self._locked(method))
-
-    def _locked(self, method):
-        @functools.wraps(method)
-        def call(*args, **kwargs):
-            with self.lock:
-                return method(*args, **kwargs)
-
-        return call
-
-    async def run(self, fn: Callable, *args):
-        def locked():
-            with self.lock:
-                return fn(*args)
-
-        return await asyncio.to_thread(locked)
-
-
 # -- the KV store side ----------------------------------------------------------------------
 
 
@@ -157,6 +123,23 @@ class KVHandoff:
         if address not in self._clients:
             self._clients[address] = KVStoreClient(address)
         return self._clients[address]
+
+    async def import_prefix(
+        self, engine: AsyncLLMEngine, block_hashes: Sequence[int], token_ids: Sequence[int],
+        stores: list[InstanceRecord],
+    ) -> TransferStats | None:
+        """Bring the stored blocks of ``token_ids`` that the engine would reuse, and lacks,
+        into its prefix cache. None when the engine already holds them all."""
+        block_size = engine.engine.config.block_size
+        # The engine always computes the last token, so a block ending there is of no use.
+        usable = list(block_hashes[: (len(token_ids) - 1) // block_size])
+        num_local = await engine.num_cached_blocks(usable)
+        if num_local == len(usable):
+            return None
+        blocks, stats = await self.fetch(usable[num_local:], token_ids[num_local * block_size :], block_size, stores)
+        if blocks:
+            await engine.import_blocks(blocks)
+        return stats
 
     async def fetch(
         self, block_hashes: Sequence[int], token_ids: Sequence[int], block_size: int, stores: list[InstanceRecord]
@@ -310,24 +293,16 @@ class WorkerConfig(EngineConfig):
         return EngineConfig(**values)
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A model folder as given, else the model zoo's folder of that name."""
-    if not name_or_path or Path(name_or_path).is_dir():
-        return name_or_path
-    from cleave.modelzoo.registry import resolve
-
-    return str(resolve(name_or_path))
-
-
 # -- metrics -----------------------------------------------------------------------------
 
 
-class WorkerMetrics:
+class WorkerMetrics(MetricsHTTPServer):
     """``cleave_<role>_*`` in a registry of its own, so that several workers can share
     one test process."""
 
     def __init__(self, role: str, instance_id: str, engine: AsyncLLMEngine) -> None:
-        self.registry = r = CollectorRegistry()
+        super().__init__(CollectorRegistry(), f"{role}-metrics")
+        r = self.registry
         p = f"cleave_{role}_"
         self.requests = Counter(p + "requests", "Requests by outcome (ok, invalid, error, cancelled)", ["outcome"], registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Tokens received with requests", registry=r)
@@ -348,22 +323,11 @@ class WorkerMetrics:
             ("kv_pool_blocks", "KV blocks of the engine's pool", "num_kv_blocks"),
         ):
             Gauge(p + name, doc, registry=r).set_function(lambda key=key: engine.stats().get(key, 0))
-        self._http = None
 
     def count_transfer(self, direction: str, stats: TransferStats) -> None:
         self.kv_blocks.labels(direction=direction).inc(stats.num_blocks)
         self.kv_bytes.labels(direction=direction).inc(stats.num_bytes)
         self.kv_errors.inc(stats.num_errors)
-
-    def serve(self, host: str, port: int) -> int:
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 # -- the process shell ---------------------------------------------------------------------
@@ -371,15 +335,13 @@ class WorkerMetrics:
 
 class WorkerServer:
     """An engine, its gRPC server, metrics and registry record. Subclasses set
-    ``service_name``, add their servicer in :meth:`add_servicer` and report load in
-    :meth:`load`."""
+    ``service_name``, add their servicer in :meth:`add_servicer` and may extend :meth:`load`."""
 
     service_name = ""
 
     def __init__(self, config: WorkerConfig, engine: AsyncLLMEngine | None = None) -> None:
         self.config = config
-        self.engine = engine or AsyncLLMEngine(config.engine_config(resolve_model(config.model)))
-        self.guard = EngineGuard(self.engine.engine)
+        self.engine = engine or AsyncLLMEngine(config.engine_config(config.model and str(resolve(config.model))))
         self.metrics = WorkerMetrics(config.role, config.instance_id, self.engine)
         self.redis: aioredis.Redis | None = None
         self.handoff: KVHandoff | None = None
@@ -397,7 +359,9 @@ class WorkerServer:
         raise NotImplementedError
 
     def load(self) -> dict[str, float]:
-        raise NotImplementedError
+        """What the registry record reports as load; subclasses add their own keys."""
+        stats = self.engine.stats()
+        return {key: stats[key] for key in ("num_running", "num_waiting", "num_requests", "num_free_kv_blocks")}
 
     async def start(self, install_signal_handlers: bool = False) -> None:
         """Serve, then register. With ``install_signal_handlers`` SIGTERM/SIGINT drain

@@ -50,20 +50,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             metrics.requests.labels(outcome="invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-        block_size = engine.config.block_size
         # Named blocks are known to be stored; without names the index is asked for all.
         wanted = hashes[: len(given)] if given else hashes
-        usable = wanted[: (len(token_ids) - 1) // block_size]
-        num_local = 0
-        while num_local < len(usable) and engine.block_manager.lookup(usable[num_local]) is not None:
-            num_local += 1
-        if num_local < len(usable):
-            blocks, fetched = await server.handoff.fetch(
-                usable[num_local:], token_ids[num_local * block_size :], block_size, stores
-            )
+        fetched = await server.handoff.import_prefix(server.engine, wanted, token_ids, stores)
+        if fetched is not None:
             metrics.count_transfer("fetched", fetched)
-            if blocks:
-                await server.guard.run(engine.import_blocks, blocks)
 
         metrics.prompt_tokens.inc(len(token_ids))
         outcome = "cancelled"
@@ -106,11 +97,4 @@ class DecodeServer(WorkerServer):
         pb_grpc.add_DecodeServicer_to_server(self.servicer, server)
 
     def load(self) -> dict[str, float]:
-        stats = self.engine.stats()
-        return {
-            "num_running": stats["num_running"],
-            "num_waiting": stats["num_waiting"],
-            "num_requests": stats["num_requests"],
-            "num_free_kv_blocks": stats["num_free_kv_blocks"],
-            "num_kv_blocks": stats["num_kv_blocks"],
-        }
+        return {**super().load(), "num_kv_blocks": self.engine.stats()["num_kv_blocks"]}

@@ -10,6 +10,7 @@ import threading
 from typing import AsyncIterator
 
 from cleave.engine.config import EngineConfig
+from cleave.engine.kv_transfer import KVBlock
 from cleave.engine.llm_engine import LLMEngine
 from cleave.engine.outputs import RequestOutput
 from cleave.engine.sampling_params import SamplingParams
@@ -92,6 +93,31 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         self._submit("abort", request_id)
 
+    # -- KV blocks, moved on the engine's own thread between steps --------------------
+    async def num_cached_blocks(self, block_hashes: list[int]) -> int:
+        """How many of ``block_hashes``, from the first, this engine's prefix cache holds."""
+        return await self._call(self._count_cached, block_hashes)
+
+    async def import_blocks(self, blocks: list[KVBlock]) -> int:
+        return await self._call(self.engine.import_blocks, blocks)
+
+    async def export_blocks(self, block_hashes: list[int]) -> list[KVBlock]:
+        return await self._call(self.engine.export_blocks, block_hashes)
+
+    def _count_cached(self, block_hashes: list[int]) -> int:
+        count = 0
+        while count < len(block_hashes) and self.engine.block_manager.lookup(block_hashes[count]) is not None:
+            count += 1
+        return count
+
+    async def _call(self, fn, *args):
+        """Run ``fn(*args)`` on the engine thread, where the block pool is never mid-step."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._submit("call", (fn, args, future))
+        return await future
+
     def _submit(self, kind: str, payload: object) -> None:
         with self._cond:
             self._pending.append((kind, payload))
@@ -102,6 +128,16 @@ class AsyncLLMEngine:
         if stream is not None:
             loop, queue = stream
             loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    @staticmethod
+    def _run_call(fn, args, future: asyncio.Future) -> None:
+        loop = future.get_loop()
+        try:
+            result = fn(*args)
+        except Exception as exc:
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
 
     def _loop(self) -> None:
         engine = self.engine
@@ -119,6 +155,8 @@ class AsyncLLMEngine:
                         engine.add_request(request_id, prompt, params, num_output_tokens)
                     except ValueError as exc:
                         self._deliver(request_id, exc)
+                elif kind == "call":
+                    self._run_call(*payload)
                 else:
                     engine.abort_request(payload)
             try:
@@ -134,3 +172,16 @@ class AsyncLLMEngine:
                 self._deliver(out.request_id, out)
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine shut down"))
+        for kind, payload in self._pending:
+            if kind == "call":
+                future = payload[2]
+                future.get_loop().call_soon_threadsafe(_settle, future, None, EngineDeadError("the engine shut down"))
+
+
+def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -22,14 +22,21 @@ def hash_block(parent_hash: int, token_ids: list[int] | tuple[int, ...]) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def extend_block_hashes(
+    hashes: list[int], token_ids: list[int], block_size: int, root_hash: int, num_blocks: int | None = None
+) -> list[int]:
+    """Extend ``hashes`` (the chain of the first blocks) to ``num_blocks`` full blocks of
+    ``token_ids`` (default: all of them), in place; each block is hashed once."""
+    num_blocks = len(token_ids) // block_size if num_blocks is None else num_blocks
+    while len(hashes) < num_blocks:
+        start = len(hashes) * block_size
+        hashes.append(hash_block(hashes[-1] if hashes else root_hash, token_ids[start : start + block_size]))
+    return hashes
+
+
 def hash_prefix_blocks(token_ids: list[int], block_size: int, root_hash: int = 0) -> list[int]:
     """Chained hashes of every full block of ``token_ids``."""
-    hashes: list[int] = []
-    parent = root_hash
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
-        hashes.append(parent)
-    return hashes
+    return extend_block_hashes([], token_ids, block_size, root_hash)
 
 
 class Block:
@@ -71,12 +78,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent = self.root_hash
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        for index in range(max_blocks):
+        hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        for index, block_hash in enumerate(hashes):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
-            parent = hash_block(parent, tokens)
-            block_id = self.cached.get(parent)
+            block_id = self.cached.get(block_hash)
             # A hash hit counts only if the tokens match too: hashes can collide.
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -101,10 +106,10 @@ class BlockManager:
                 del self.free_blocks[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
-            seq.block_hashes.append(block.block_hash)
         for _ in range(self.blocks_for(seq.num_tokens) - len(hits)):
             seq.block_table.append(self._take_free_block())
         seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_committed_blocks = len(hits)
         self.num_cache_queries += seq.num_tokens
         self.num_cache_hits += seq.num_computed_tokens
 
@@ -116,21 +121,21 @@ class BlockManager:
         while len(seq.block_table) < self.blocks_for(seq.num_computed_tokens + num_new_tokens):
             seq.block_table.append(self._take_free_block())
 
-    def commit(self, seq: Sequence) -> list[int]:
-        """Register the hashes of blocks that became full; returns their block ids."""
-        newly_full: list[int] = []
-        while len(seq.block_hashes) < seq.num_computed_tokens // self.block_size:
-            index = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else self.root_hash
-            tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
-            block_hash = hash_block(parent, tokens)
-            seq.block_hashes.append(block_hash)
+    def commit(self, seq: Sequence) -> None:
+        """Register in the prefix cache the blocks that became full and computed."""
+        num_full = seq.num_computed_tokens // self.block_size
+        hashes = self._block_hashes(seq, num_full)
+        for index in range(seq.num_committed_blocks, num_full):
             block = self.blocks[seq.block_table[index]]
+            block_hash = hashes[index]
             if self.enable_prefix_caching and block_hash not in self.cached and block.block_hash is None:
-                block.block_hash, block.token_ids = block_hash, tokens
+                block.block_hash = block_hash
+                block.token_ids = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
                 self.cached[block_hash] = block.block_id
-            newly_full.append(block.block_id)
-        return newly_full
+        seq.num_committed_blocks = num_full
+
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        return extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, self.root_hash, num_blocks)
 
     def free(self, seq: Sequence) -> None:
         # Tail first, so that shared prefix blocks are the last to be evicted.
@@ -141,7 +146,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
         seq.block_table = []
-        seq.block_hashes = []
+        seq.num_committed_blocks = 0
         seq.num_computed_tokens = 0
 
     def _take_free_block(self) -> int:

@@ -136,13 +136,12 @@ class LLMEngine:
                 continue
             token, logprob = sampled[seq.request_id]
             seq.token_ids.append(token)
-            seq.logprobs.append(logprob)
             self.num_generated_tokens += 1
             self._check_finished(seq, token)
             if seq.is_finished:
                 self.scheduler.remove(seq)
                 del self.sequences[seq.request_id]
-            outputs.append(self._output(seq, [token], [logprob]))
+            outputs.append(self._output(seq, [token], [] if logprob is None else [logprob]))
         return outputs
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
@@ -159,7 +158,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=tokens,
-            new_logprobs=logprobs if seq.params.logprobs else [],
+            new_logprobs=logprobs,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,

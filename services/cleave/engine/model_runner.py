@@ -31,9 +31,9 @@ class ModelRunner:
         return c.num_hidden_layers * 2 * block_size * c.num_key_value_heads * c.head_dim * dtype.itemsize
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSequence]) -> dict[str, tuple[int, float]]:
-        """Compute the scheduled tokens; return (token, logprob) for each sequence whose
-        last token was computed in this step."""
+    def run(self, batch: list[ScheduledSequence]) -> dict[str, tuple[int, float | None]]:
+        """Compute the scheduled tokens; return (token, logprob or None) for each sequence
+        whose last token was computed in this step."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -44,15 +44,13 @@ class ModelRunner:
             for position in range(start, end):
                 positions.append(position)
                 slots.append(seq.block_table[position // self.block_size] * self.block_size + position % self.block_size)
-        max_blocks = max(len(item.seq.block_table) for item in batch)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
-        query_lens = [item.num_new_tokens for item in batch]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            query_lens=query_lens,
-            context_lens=[item.seq.num_computed_tokens + item.num_new_tokens for item in batch],
-            block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
-            is_decode_only=all(n == 1 for n in query_lens),
+        meta = AttentionMetadata.build(
+            slots,
+            [item.num_new_tokens for item in batch],
+            [item.seq.num_computed_tokens + item.num_new_tokens for item in batch],
+            [item.seq.block_table for item in batch],
+            self.block_size,
+            self.device,
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncGenerator, Protocol
 
 from cleave.engine.sampling_params import SamplingParams
 
@@ -25,7 +25,7 @@ class EngineClient(Protocol):
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream outputs until one has ``finished``. Closing the iterator early aborts
         the request and frees its KV blocks."""
         ...

@@ -14,16 +14,22 @@ from cleave.engine.sampling_params import SamplingParams
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
     default_generator: torch.Generator,
-) -> tuple[list[int], list[float]]:
-    """logits: [S, V] float32. Returns the chosen token id and its logprob per row."""
+) -> tuple[list[int], list[float | None]]:
+    """logits: [S, V] float32. Returns the chosen token id per row, and its logprob for
+    the rows that asked for logprobs (None elsewhere)."""
     logits = logits.float().cpu()
-    logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logits.argmax(dim=-1)
     for row, p in enumerate(params):
         if not p.is_greedy:
             chosen[row] = _sample_row(logits[row], p, generators[row] or default_generator)
     tokens = chosen.tolist()
-    return tokens, logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    logprobs: list[float | None] = [None] * len(params)
+    rows = [row for row, p in enumerate(params) if p.logprobs]
+    if rows:
+        picked = torch.log_softmax(logits[rows], dim=-1).gather(1, chosen[rows, None])[:, 0].tolist()
+        for row, logprob in zip(rows, picked):
+            logprobs[row] = logprob
+    return tokens, logprobs
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:

@@ -30,10 +30,11 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.is_admitted = False
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of the full blocks, in order
+        # Chained hashes of the full blocks of token_ids, extended as blocks fill. Tokens
+        # are only ever appended, so they stay valid across preemption.
+        self.block_hashes: list[int] = []
+        self.num_committed_blocks = 0  # full blocks registered in the prefix cache
         self.finish_reason: str | None = None
-        self.num_emitted_tokens = 0  # output tokens already handed out in a RequestOutput
-        self.logprobs: list[float] = []
         # A per-request generator makes a seeded request sample the same tokens
         # whatever else shares its batch, and across preemption.
         self.generator: torch.Generator | None = None

@@ -3,22 +3,19 @@ can live in one test process) served on its own HTTP port."""
 
 from __future__ import annotations
 
-import threading
-from http.server import ThreadingHTTPServer
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import MetricsHandler
 
+from cleave.common.metrics_http import MetricsHTTPServer
 from cleave.kvstore.backend import StorageBackend
 
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class KVStoreMetrics:
+class KVStoreMetrics(MetricsHTTPServer):
     """``cleave_kvstore_*``: lookups, occupancy, evictions and transfers."""
 
     def __init__(self, backend: StorageBackend, instance_id: str) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__(CollectorRegistry(), "kvstore-metrics")
         labels = {"instance_id": instance_id}
         r = self.registry
         self.hits = Counter("cleave_kvstore_hits", "Blocks found, by operation (get, contains)", ["op"], registry=r)
@@ -45,20 +42,3 @@ class KVStoreMetrics:
             ("cleave_kvstore_pinned_blocks", "Blocks whose pin has not lapsed", lambda s: s.num_pinned),
         ):
             Gauge(name, doc, registry=r).set_function(lambda read=read: read(backend.stats()))
-        self._http = None
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on ``host:port`` from a thread; returns the bound port."""
-        self._http = ThreadingHTTPServer((host, port), MetricsHandler.factory(self.registry))
-        self._http.daemon_threads = True
-        # A short poll keeps shutdown (every drain, every test) from waiting half a second.
-        threading.Thread(
-            target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, name="kvstore-metrics", daemon=True
-        ).start()
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None

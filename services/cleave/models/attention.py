@@ -16,15 +16,48 @@ import torch.nn.functional as F
 
 @dataclass(slots=True)
 class AttentionMetadata:
+    """What every layer needs to attend, built once per step by :meth:`build`."""
+
     slot_mapping: torch.Tensor  # [num_tokens] flat slot (block * block_size + offset)
     query_lens: list[int]  # new tokens per sequence, in batch order
     context_lens: list[int]  # tokens in the cache per sequence after this step
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    block_tables: torch.Tensor  # [num_seqs, blocks covering the longest context], padded with 0
     is_decode_only: bool  # every sequence brings exactly one token
+    # Decode-only steps: which cached positions each sequence sees, [num_seqs, max_context].
+    decode_mask: torch.Tensor | None = None
+    # Other steps: per sequence, its causal mask (None for a single query token).
+    prefill_masks: list[torch.Tensor | None] | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    @classmethod
+    def build(
+        cls, slot_mapping: list[int], query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+        block_size: int, device: torch.device,
+    ) -> "AttentionMetadata":
+        max_blocks = (max(context_lens) + block_size - 1) // block_size
+        tables = [table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks])) for table in block_tables]
+        meta = cls(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=torch.tensor(tables, dtype=torch.long, device=device),
+            is_decode_only=all(n == 1 for n in query_lens),
+        )
+        if meta.is_decode_only:
+            context = torch.tensor(context_lens, device=device)
+            meta.decode_mask = torch.arange(max(context_lens), device=device)[None, :] < context[:, None]
+        else:
+            meta.prefill_masks = [
+                # Query i sits at position context_len - query_len + i and sees keys up to it.
+                torch.arange(context_len - query_len, context_len, device=device)[:, None]
+                >= torch.arange(context_len, device=device)[None, :]
+                if query_len > 1 else None
+                for query_len, context_len in zip(query_lens, context_lens)
+            ]
+        return meta
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -40,40 +73,30 @@ def paged_attention(
     write_kv(cache, k, v, meta.slot_mapping)
     block_size = cache.shape[2]
     if meta.is_decode_only:
-        return _decode_attention(q, cache, meta, block_size)
+        return _decode_attention(q, cache, meta)
     out = torch.empty_like(q)
     start = 0
     for index, (query_len, context_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
-        num_blocks = (context_len + block_size - 1) // block_size
-        blocks = meta.block_tables[index, :num_blocks]
+        blocks = meta.block_tables[index, : (context_len + block_size - 1) // block_size]
         keys = cache[0, blocks].flatten(0, 1)[:context_len]
         values = cache[1, blocks].flatten(0, 1)[:context_len]
-        query = q[start : start + query_len]
-        mask = None
-        if query_len > 1:
-            # Query i sits at position context_len - query_len + i and sees keys up to it.
-            positions = torch.arange(context_len - query_len, context_len, device=q.device)
-            mask = positions[:, None] >= torch.arange(context_len, device=q.device)[None, :]
         out[start : start + query_len] = F.scaled_dot_product_attention(
-            query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, enable_gqa=True
+            q[start : start + query_len].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=meta.prefill_masks[index], enable_gqa=True,
         ).transpose(0, 1)
         start += query_len
     return out
 
 
-def _decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
-    max_context = max(meta.context_lens)
-    num_blocks = (max_context + block_size - 1) // block_size
-    tables = meta.block_tables[:, :num_blocks]
-    keys = cache[0, tables].flatten(1, 2)[:, :max_context]  # [S, L, Hkv, D]
-    values = cache[1, tables].flatten(1, 2)[:, :max_context]
-    context = torch.tensor(meta.context_lens, device=q.device)
-    mask = torch.arange(max_context, device=q.device)[None, :] < context[:, None]  # [S, L]
+def _decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    max_context = meta.decode_mask.shape[1]
+    keys = cache[0, meta.block_tables].flatten(1, 2)[:, :max_context]  # [S, L, Hkv, D]
+    values = cache[1, meta.block_tables].flatten(1, 2)[:, :max_context]
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [S, H, 1, D]
         keys.transpose(1, 2),
         values.transpose(1, 2),
-        attn_mask=mask[:, None, None, :],
+        attn_mask=meta.decode_mask[:, None, None, :],
         enable_gqa=True,
     )
     return out[:, :, 0, :]

@@ -15,63 +15,91 @@ from cleave.models.moe import SparseMoeBlock
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+class Checkpoint:
+    """The tensors of a folder's ``*.safetensors`` files by name (without the ``model.``
+    prefix), read lazily; remembers which were read, so unused ones can be reported."""
+
+    def __init__(self, path: str | Path) -> None:
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path} has no *.safetensors weights")
+        self.where: dict[str, tuple] = {}
+        for file in files:
+            handle = safe_open(str(file), framework="pt")
             for name in handle.keys():
-                tensors[name.removeprefix("model.")] = handle.get_tensor(name)
-    return tensors
-
-
-class _Weights:
-    """Pops tensors by name so that anything left over at the end is reported."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def take(self, name: str) -> torch.Tensor:
-        try:
-            return self.tensors.pop(name)
-        except KeyError:
-            raise KeyError(f"checkpoint lacks tensor {name!r}") from None
+                self.where[name.removeprefix("model.")] = (handle, name)
+        self.taken: set[str] = set()
 
     def has(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        handle, full = self._locate(name)
+        return handle.get_tensor(full)
+
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """``tensor[index]`` of a stacked tensor, reading only that slice."""
+        handle, full = self._locate(name)
+        return handle.get_slice(full)[index]
+
+    def untaken(self) -> list[str]:
+        return sorted(set(self.where) - self.taken)
+
+    def _locate(self, name: str) -> tuple:
+        try:
+            located = self.where[name]
+        except KeyError:
+            raise KeyError(f"checkpoint lacks tensor {name!r}") from None
+        self.taken.add(name)
+        return located
+
+
+def expert_tensors(checkpoint: Checkpoint, config: ModelConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One routed expert's ``gate_up`` [2I, H] and ``down`` [H, I], from either the
+    per-expert layout (Mixtral's w1/w3/w2, Qwen2-MoE's gate/up/down_proj) or
+    transformers v5's fused ``experts.gate_up_proj``."""
+    source = _moe_source(checkpoint, layer)
+    if checkpoint.has(source + "experts.gate_up_proj"):
+        return checkpoint.get_row(source + "experts.gate_up_proj", expert), checkpoint.get_row(source + "experts.down_proj", expert)
+    gate, up, down = ("w1", "w3", "w2") if config.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    each = f"{source}experts.{expert}."
+    gate_up = torch.cat([checkpoint.get(f"{each}{gate}.weight"), checkpoint.get(f"{each}{up}.weight")])
+    return gate_up, checkpoint.get(f"{each}{down}.weight")
+
+
+def _moe_source(checkpoint: Checkpoint, layer: int) -> str:
+    prefix = f"layers.{layer}."
+    return prefix + ("block_sparse_moe." if checkpoint.has(prefix + "block_sparse_moe.gate.weight") else "mlp.")
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> CausalLM:
     config = ModelConfig.from_pretrained(path)
     with torch.device("meta"):
         model = CausalLM(config)
-    weights = _Weights(read_checkpoint(path))
+    weights = Checkpoint(path)
     state: dict[str, torch.Tensor] = {
-        "embed_tokens.weight": weights.take("embed_tokens.weight"),
-        "norm.weight": weights.take("norm.weight"),
+        "embed_tokens.weight": weights.get("embed_tokens.weight"),
+        "norm.weight": weights.get("norm.weight"),
     }
     if not config.tie_word_embeddings:
-        state["lm_head.weight"] = weights.take("lm_head.weight")
+        state["lm_head.weight"] = weights.get("lm_head.weight")
     elif weights.has("lm_head.weight"):
-        weights.take("lm_head.weight")
+        weights.taken.add("lm_head.weight")
     for i, layer in enumerate(model.layers):
         prefix = f"layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            state[f"{prefix}{norm}.weight"] = weights.take(f"{prefix}{norm}.weight")
+            state[f"{prefix}{norm}.weight"] = weights.get(f"{prefix}{norm}.weight")
         attn = prefix + "self_attn."
-        state[attn + "qkv_proj.weight"] = torch.cat([weights.take(f"{attn}{p}_proj.weight") for p in "qkv"])
+        state[attn + "qkv_proj.weight"] = torch.cat([weights.get(f"{attn}{p}_proj.weight") for p in "qkv"])
         if config.attention_bias:
-            state[attn + "qkv_proj.bias"] = torch.cat([weights.take(f"{attn}{p}_proj.bias") for p in "qkv"])
-        state[attn + "o_proj.weight"] = weights.take(attn + "o_proj.weight")
+            state[attn + "qkv_proj.bias"] = torch.cat([weights.get(f"{attn}{p}_proj.bias") for p in "qkv"])
+        state[attn + "o_proj.weight"] = weights.get(attn + "o_proj.weight")
         if isinstance(layer.mlp, SparseMoeBlock):
-            state.update(_moe_state(weights, config, prefix))
+            state.update(_moe_state(weights, config, i))
         else:
             state.update(_mlp_state(weights, prefix + "mlp.", prefix + "mlp."))
-    if weights.tensors:
-        unused = sorted(weights.tensors)[:8]
-        raise ValueError(f"checkpoint has tensors this model does not use, e.g. {unused}")
+    if unused := weights.untaken():
+        raise ValueError(f"checkpoint has tensors this model does not use, e.g. {unused[:8]}")
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     torch_dtype = DTYPES[dtype]
@@ -81,42 +109,32 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
         model.lm_head.weight = model.embed_tokens.weight
     # Buffers made on the meta device hold nothing: compute RoPE's tables for real.
     with torch.device(device):
-        rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
-    for layer in model.layers:
-        layer.self_attn.rotary = rotary
-    model.rotary = rotary
+        model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
     model.eval()
     if config.is_moe:
         model.set_expert_backend(model.local_expert_backend())
     return model
 
 
-def _mlp_state(weights: _Weights, source: str, target: str) -> dict[str, torch.Tensor]:
+def _mlp_state(weights: Checkpoint, source: str, target: str) -> dict[str, torch.Tensor]:
     return {
         target + "gate_up_proj.weight": torch.cat(
-            [weights.take(source + "gate_proj.weight"), weights.take(source + "up_proj.weight")]
+            [weights.get(source + "gate_proj.weight"), weights.get(source + "up_proj.weight")]
         ),
-        target + "down_proj.weight": weights.take(source + "down_proj.weight"),
+        target + "down_proj.weight": weights.get(source + "down_proj.weight"),
     }
 
 
-def _moe_state(weights: _Weights, config: ModelConfig, prefix: str) -> dict[str, torch.Tensor]:
-    target = prefix + "mlp."
-    source = prefix + ("block_sparse_moe." if weights.has(prefix + "block_sparse_moe.gate.weight") else "mlp.")
-    state = {target + "gate.weight": weights.take(source + "gate.weight")}
-    if weights.has(source + "experts.gate_up_proj"):  # transformers v5 fused layout
-        state[target + "experts.gate_up"] = weights.take(source + "experts.gate_up_proj")
-        state[target + "experts.down"] = weights.take(source + "experts.down_proj")
-    else:
-        names = ("w1", "w3", "w2") if config.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        gate_up, down = [], []
-        for e in range(config.num_experts):
-            expert = f"{source}experts.{e}."
-            gate_up.append(torch.cat([weights.take(f"{expert}{names[0]}.weight"), weights.take(f"{expert}{names[1]}.weight")]))
-            down.append(weights.take(f"{expert}{names[2]}.weight"))
-        state[target + "experts.gate_up"] = torch.stack(gate_up)
-        state[target + "experts.down"] = torch.stack(down)
+def _moe_state(weights: Checkpoint, config: ModelConfig, layer: int) -> dict[str, torch.Tensor]:
+    target = f"layers.{layer}.mlp."
+    source = _moe_source(weights, layer)
+    experts = [expert_tensors(weights, config, layer, e) for e in range(config.num_experts)]
+    state = {
+        target + "gate.weight": weights.get(source + "gate.weight"),
+        target + "experts.gate_up": torch.stack([gate_up for gate_up, _ in experts]),
+        target + "experts.down": torch.stack([down for _, down in experts]),
+    }
     if config.shared_expert_intermediate_size:
         state.update(_mlp_state(weights, source + "shared_expert.", target + "shared_expert."))
-        state[target + "shared_expert_gate.weight"] = weights.take(source + "shared_expert_gate.weight")
+        state[target + "shared_expert_gate.weight"] = weights.get(source + "shared_expert_gate.weight")
     return state

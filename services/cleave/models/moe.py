@@ -36,8 +36,13 @@ class ExpertWeights(nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def run(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down[expert])
+        return run_expert(self.gate_up[expert], self.down[expert], x)
+
+
+def run_expert(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: down(silu(gate(x)) * up(x)), gate and up stacked in ``gate_up``."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 def expert_slot_outputs(

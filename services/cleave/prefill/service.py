@@ -45,21 +45,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             metrics.requests.labels(outcome="invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-        block_size = engine.config.block_size
         hashes = engine.block_hashes(prompt)
-        # The engine always computes the last prompt token, so a block ending there is
-        # of no use to it.
-        usable = hashes[: (len(prompt) - 1) // block_size]
-        num_local = 0
-        while num_local < len(usable) and engine.block_manager.lookup(usable[num_local]) is not None:
-            num_local += 1
-        if num_local < len(usable):
-            blocks, fetched = await server.handoff.fetch(
-                usable[num_local:], prompt[num_local * block_size :], block_size, stores
-            )
+        fetched = await server.handoff.import_prefix(server.engine, hashes, prompt, stores)
+        if fetched is not None:
             metrics.count_transfer("fetched", fetched)
-            if blocks:
-                await server.guard.run(engine.import_blocks, blocks)
 
         self.num_queued_prompt_tokens += len(prompt)
         queued = True
@@ -82,7 +71,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             metrics.requests.labels(outcome="error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, f"request {request.request_id} ended without a token")
 
-        exported = await server.guard.run(engine.export_blocks, hashes)
+        exported = await server.engine.export_blocks(hashes)
         stored, put = await server.handoff.put_missing(exported, stores)
         metrics.count_transfer("put", put)
         if len(stored) < len(hashes) and stores:
@@ -124,11 +113,4 @@ class PrefillServer(WorkerServer):
         pb_grpc.add_PrefillServicer_to_server(self.servicer, server)
 
     def load(self) -> dict[str, float]:
-        stats = self.engine.stats()
-        return {
-            "num_running": stats["num_running"],
-            "num_waiting": stats["num_waiting"],
-            "num_requests": stats["num_requests"],
-            "num_queued_prompt_tokens": self.servicer.num_queued_prompt_tokens,
-            "num_free_kv_blocks": stats["num_free_kv_blocks"],
-        }
+        return {**super().load(), "num_queued_prompt_tokens": self.servicer.num_queued_prompt_tokens}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncGenerator, AsyncIterator, Sequence
 
 import anyio
 
@@ -63,7 +63,7 @@ class Generation:
         self.tracker = tracker
         self.usage = GenerationUsage(prompt_tokens=len(prompt_token_ids))
         self.finish_reason: str | None = None
-        self._outputs: AsyncIterator[RequestOutput] | None = None
+        self._outputs: AsyncGenerator[RequestOutput, None] | None = None
         self._first: RequestOutput | None = None
         self._closed = False
 
@@ -122,13 +122,11 @@ class Generation:
             return
         self._closed = True
         # A cancelled task may not await; the shield lets the abort reach the engine.
+        # Closing the engine's stream is the abort (the EngineClient contract): it frees
+        # an unfinished request, whether a stop string ended it or the client left.
         with anyio.CancelScope(shield=True):
             try:
-                aclose = getattr(self._outputs, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                if self.finish_reason is None or self.stop.matched is not None:
-                    await self.engine.abort(self.request_id)
+                await self._outputs.aclose()
             except Exception:
                 logger.exception("aborting request failed", extra={"request_id": self.request_id})
             finally:

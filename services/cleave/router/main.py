@@ -64,13 +64,11 @@ def parse_configs(argv: Sequence[str] | None) -> tuple[ServerConfig, EngineConfi
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A model folder for a zoo name or a path; zoo models are built on first use."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path.resolve()
+    """The absolute model folder (served as ``root`` in /v1/models) for a zoo name or a
+    path; zoo models are built on first use."""
     from cleave.modelzoo.registry import resolve
 
-    return Path(resolve(name_or_path))
+    return resolve(name_or_path).resolve()
 
 
 def run_command(command: str, argv: Sequence[str]) -> int:
