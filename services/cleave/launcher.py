@@ -24,12 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from cleave.common.config import cleave_home
+from cleave.modelzoo.registry import DEFAULT_MODEL
+
 LOG_TAIL_LINES = 40
-
-
-def cleave_home() -> Path:
-    return Path(os.environ.get("CLEAVE_HOME") or Path.home() / ".cache" / "cleave").expanduser()
 
 
 @dataclass(slots=True)

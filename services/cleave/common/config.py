@@ -10,10 +10,17 @@ import dataclasses
 import os
 import types
 import typing
+from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 T = TypeVar("T")
 ENV_PREFIX = "CLEAVE_"
+
+
+def cleave_home() -> Path:
+    """Where Cleave keeps built models, logs and pid files: ``$CLEAVE_HOME``, else
+    ``~/.cache/cleave``."""
+    return Path(os.environ.get("CLEAVE_HOME") or "~/.cache/cleave").expanduser()
 
 
 def env_name(field_name: str) -> str:

@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cleave.common.registry import AsyncRegistration
+from cleave.common.registry import AsyncRegistration, AsyncRegistry, InstanceRecord
 
 log = logging.getLogger("cleave.grpc")
 
@@ -141,6 +141,12 @@ class ServiceServer:
         for name in ("", *self.service_names):
             await self.health.set(name, _SERVING)
         log.info("grpc serving", extra={"address": self.address, "services": self.service_names})
+
+    async def register(self, registry: AsyncRegistry, record: InstanceRecord, ttl: float) -> AsyncRegistration:
+        """Register ``record`` (heartbeated until the drain, which deregisters it)."""
+        self.registration = AsyncRegistration(registry, record, ttl=ttl)
+        await self.registration.start()
+        return self.registration
 
     def after_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` once the server has stopped (all in-flight calls done)."""

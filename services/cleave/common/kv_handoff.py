@@ -31,7 +31,7 @@ from cleave.engine.config import EngineConfig
 from cleave.engine.kv_transfer import KVBlock
 from cleave.engine.sampling_params import SamplingParams
 from cleave.kvstore import index as kvindex
-from cleave.kvstore.client import KVStoreClient, choose_store, group_by_store
+from cleave.kvstore.client import KVStoreClient, group_by_store, group_for_read
 from cleave.modelzoo.registry import resolve
 from cleave.protogen.cleave.v1 import common_pb2
 
@@ -157,11 +157,7 @@ class KVHandoff:
             except Exception as exc:  # the index is advisory; rendezvous still finds most blocks
                 log.warning("KV index lookup failed", extra={"error": str(exc)})
                 stats.num_errors += 1
-        groups: dict[str, list[int]] = {}
-        for block_hash, owner in zip(block_hashes, owners):
-            if owner not in by_id:
-                owner = choose_store(block_hash, stores).instance_id
-            groups.setdefault(owner, []).append(block_hash)
+        groups = group_for_read(block_hashes, owners, stores)
         results = await asyncio.gather(
             *(self.client(by_id[sid].address).get_blocks(hashes, timeout=self.timeout) for sid, hashes in groups.items()),
             return_exceptions=True,
@@ -391,9 +387,7 @@ class WorkerServer:
                 },
                 load=self.load(),
             )
-            self.registration = AsyncRegistration(AsyncRegistry(self.redis), record, ttl=config.registry_ttl_seconds)
-            await self.registration.start()
-            self.grpc.registration = self.registration
+            self.registration = await self.grpc.register(AsyncRegistry(self.redis), record, config.registry_ttl_seconds)
         self._load_task = asyncio.create_task(self._report_load(), name=f"load-{config.instance_id}")
         self.grpc.after_stop(self._close)
         log.info(f"{config.role} ready", extra={"address": self.grpc.address, "metrics_port": self.metrics_port,

@@ -157,9 +157,7 @@ class ExpertServer:
         if config.redis_url:
             record = InstanceRecord(ROLE, config.instance_id, self.grpc.address, capabilities=self.capabilities())
             registry = AsyncRegistry.from_url(config.redis_url)
-            self.registration = AsyncRegistration(registry, record, ttl=config.registry_ttl_seconds)
-            await self.registration.start()
-            self.grpc.registration = self.registration
+            self.registration = await self.grpc.register(registry, record, config.registry_ttl_seconds)
             self.grpc.after_stop(registry.close)
         self.grpc.after_stop(self._close)
         log.info(

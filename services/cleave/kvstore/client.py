@@ -150,6 +150,20 @@ def group_by_store(block_hashes: Iterable[int], instances: Sequence[InstanceReco
     return groups
 
 
+def group_for_read(
+    block_hashes: Sequence[int], owners: Sequence[str | None], instances: Sequence[InstanceRecord]
+) -> dict[str, list[int]]:
+    """Hashes grouped by the live store to read from: the one the KV index names
+    (``owners``, from :func:`cleave.kvstore.index.lookup`) if live, else the rendezvous pick."""
+    live = {inst.instance_id for inst in instances}
+    groups: dict[str, list[int]] = {}
+    for block_hash, owner in zip(block_hashes, owners):
+        if owner not in live:
+            owner = choose_store(block_hash, instances).instance_id
+        groups.setdefault(owner, []).append(block_hash)
+    return groups
+
+
 class KVStorePool:
     """Every live store, found in the registry; each block put on the store rendezvous
     hashing picks and read from the store the index names (else the rendezvous pick)."""
@@ -187,14 +201,8 @@ class KVStorePool:
 
     async def locate(self, block_hashes: Sequence[int]) -> dict[str, list[int]]:
         """Hashes grouped by the live store to ask: the indexed one, else the rendezvous one."""
-        indexed = await kvindex.lookup(self.redis, block_hashes)
-        live = list(self.instances.values())
-        groups: dict[str, list[int]] = {}
-        for block_hash, owner in zip(block_hashes, indexed):
-            if owner not in self.instances:
-                owner = choose_store(block_hash, live).instance_id
-            groups.setdefault(owner, []).append(block_hash)
-        return groups
+        owners = await kvindex.lookup(self.redis, block_hashes)
+        return group_for_read(block_hashes, owners, list(self.instances.values()))
 
     async def get_blocks(self, block_hashes: Sequence[int]) -> dict[int, bytes]:
         """The present blocks among ``block_hashes``, from whichever stores hold them."""

@@ -236,9 +236,7 @@ class KVStoreServer:
                 },
                 load=self._load(),
             )
-            self.registration = AsyncRegistration(AsyncRegistry(self.redis), record, ttl=config.registry_ttl_seconds)
-            await self.registration.start()
-            self.grpc.registration = self.registration
+            self.registration = await self.grpc.register(AsyncRegistry(self.redis), record, config.registry_ttl_seconds)
         self.grpc.after_stop(self._close)
         log.info(
             "kvstore ready",

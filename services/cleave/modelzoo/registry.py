@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-DEFAULT_HOME = "~/.cache/cleave"
+from cleave.common.config import cleave_home
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # what `make up` and `cleave serve` serve unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def _say(message: str) -> None:
 
 def cache_dir() -> Path:
     """Where built models live: ``$CLEAVE_HOME/models`` (``~/.cache/cleave/models`` by default)."""
-    return Path(os.environ.get("CLEAVE_HOME") or DEFAULT_HOME).expanduser() / "models"
+    return cleave_home() / "models"
 
 
 def list_models() -> list[str]:

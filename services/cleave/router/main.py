@@ -16,8 +16,7 @@ from typing import Sequence
 from cleave.common import config as typed_config
 from cleave.common import logging as cleave_logging
 from cleave.engine.config import EngineConfig
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from cleave.modelzoo.registry import DEFAULT_MODEL
 
 
 @dataclass(slots=True)
