@@ -18,6 +18,10 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative, including new_token_ids
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Role -> instance id of the workers serving the request ({"prefill": ..., "decode": ...}),
+    # set by a remote engine client on the first output and again after a failover;
+    # empty for the in-process engine.
+    served_by: dict[str, str] = field(default_factory=dict)
 
 
 class EngineClient(Protocol):
