@@ -10,6 +10,7 @@ import sys
 
 SUBCOMMANDS = {
     "serve": "cleave.router.main",
+    "router": "cleave.router.service",
     "up": "cleave.launcher",
     "down": "cleave.launcher",
     "status": "cleave.launcher",

@@ -1,11 +1,14 @@
 """``cleave up | down | status``: the platform as local processes on one machine.
 
 A small process supervisor: each process is a ``ProcessSpec``; ``up`` starts the
-specs in order, detached into their own session, with logs and a pid file under
-``$CLEAVE_HOME/run``, and waits for each to answer its health URL; ``down`` stops
-them in reverse order (SIGTERM, a bounded wait, then SIGKILL). Today the platform is
-one process (``cleave serve``); Redis, prefill, decode, kvstore and expert processes
-join the same list later."""
+specs tier by tier, detached into their own session, with logs and a pid file under
+``$CLEAVE_HOME/run``, and waits for each to pass its readiness probe (``http://`` a
+200, ``grpc://`` a SERVING health check, ``tcp://`` an open port); ``down`` stops them
+in reverse order (SIGTERM, a bounded wait, then SIGKILL).
+
+The default platform is disaggregated: Redis, the KV store, the expert replicas (for an
+MoE model), prefill and decode workers, and the router in front. ``--mode single``
+runs the one-process server (``cleave serve``) instead."""
 
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ from typing import Sequence
 
 from cleave.common.config import cleave_home
 from cleave.modelzoo.registry import DEFAULT_MODEL
+
+# What `cleave up` serves by default: an MoE model, so that every service has work.
+PLATFORM_MODEL = "smollm2-moe"
 
 LOG_TAIL_LINES = 40
 
@@ -115,14 +121,14 @@ class Supervisor:
         return state
 
     def wait_healthy(self, state: ProcessState, timeout: float) -> None:
-        """Wait until the health URL answers 200; raise ``StartupError`` if the process
+        """Wait until the readiness probe passes; raise ``StartupError`` if the process
         dies or the deadline passes (the process is then stopped)."""
         deadline = time.monotonic() + timeout
         while True:
             if not self.is_alive(state):
                 self.forget(state.name)
                 raise StartupError(f"{state.name} exited during startup")
-            if state.health_url is None or http_ok(state.health_url):
+            if state.health_url is None or probe(state.health_url):
                 return
             if time.monotonic() >= deadline:
                 self.stop(state)
@@ -210,6 +216,29 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def grpc_serving(address: str, timeout: float = 2.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def probe(url: str) -> bool:
+    """Readiness of ``http://...`` (200), ``grpc://host:port`` (SERVING) or ``tcp://host:port``."""
+    scheme, _, rest = url.partition("://")
+    if scheme == "grpc":
+        return grpc_serving(rest)
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        return port_in_use(host, int(port))
+    return http_ok(url)
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -223,20 +252,117 @@ def client_host(host: str) -> str:
 # -- commands ---------------------------------------------------------------------------
 
 
-def platform_specs(args: argparse.Namespace, model_path: Path, extra: list[str]) -> list[ProcessSpec]:
-    """The processes of the embedded platform, in start order."""
+def cleave_argv(command: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "cleave.cli", command, *args]
+
+
+def single_specs(args: argparse.Namespace, model_path: Path, extra: list[str]) -> list[list[ProcessSpec]]:
     base = f"http://{client_host(args.host)}:{args.port}"
-    serve = [
-        sys.executable, "-m", "cleave.cli", "serve",
-        "--model", str(model_path),
-        "--served-model-name", args.served_model_name or args.model,
-        "--host", args.host,
-        "--port", str(args.port),
-        *extra,
-    ]
-    info = {"url": f"{base}/v1", "models": f"{base}/v1/models", "metrics": f"{base}/metrics",
+    serve = cleave_argv(
+        "serve", "--model", str(model_path), "--served-model-name", args.served_model_name or args.model,
+        "--host", args.host, "--port", str(args.port), *extra,
+    )
+    return [[ProcessSpec("router", serve, health_url=f"{base}/health", info=router_info(args, base))]]
+
+
+def router_info(args: argparse.Namespace, base: str) -> dict[str, str]:
+    return {"url": f"{base}/v1", "models": f"{base}/v1/models", "metrics": f"{base}/metrics",
             "model": args.served_model_name or args.model}
-    return [ProcessSpec("router", serve, health_url=f"{base}/health", info=info)]
+
+
+def expert_groups(num_experts: int, replicas: int) -> list[str]:
+    """Each replica's experts spec: the experts split into ``min(replicas, num_experts)``
+    contiguous groups, replica ``i`` holding group ``i % groups`` (so replicas beyond
+    the number of groups are spares of earlier ones)."""
+    groups = min(replicas, num_experts)
+    bounds = [num_experts * g // groups for g in range(groups + 1)]
+    specs = [f"{bounds[g]}-{bounds[g + 1] - 1}" if bounds[g + 1] - 1 > bounds[g] else str(bounds[g])
+             for g in range(groups)]
+    return [specs[i % groups] for i in range(replicas)]
+
+
+def num_routed_experts(model_path: Path) -> int:
+    """Routed experts per MoE layer, 0 for a dense model."""
+    config = json.loads((model_path / "config.json").read_text())
+    return int(config.get("num_local_experts") or config.get("num_experts") or 0)
+
+
+def disaggregated_specs(args: argparse.Namespace, model_path: Path, extra: list[str]) -> list[list[ProcessSpec]]:
+    """Tiers of processes: each tier starts at once and is ready before the next starts."""
+    host = client_host(args.host)
+    off = args.port_offset
+    redis_url = f"redis://{host}:{args.redis_port}/0"
+    model = str(model_path)
+    threads = ["--num-threads", str(args.worker_threads)]
+    common = ["--host", args.host, "--redis-url", redis_url]
+    redis_dir = cleave_home() / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    tiers: list[list[ProcessSpec]] = []
+    if not port_in_use(host, args.redis_port):
+        tiers.append([ProcessSpec(
+            "redis",
+            [redis_server_binary(), "--bind", host, "--port", str(args.redis_port), "--save", "",
+             "--appendonly", "no", "--dir", str(redis_dir), "--protected-mode", "yes"],
+            health_url=f"tcp://{host}:{args.redis_port}", info={"url": redis_url},
+        )])
+
+    def worker(name: str, command: str, port: int, metrics_port: int, *flags: str) -> ProcessSpec:
+        argv = cleave_argv(command, *common, "--port", str(port), "--metrics-port", str(metrics_port),
+                           "--instance-id", name, *flags)
+        return ProcessSpec(name, argv, health_url=f"grpc://{host}:{port}",
+                           info={"url": f"{host}:{port}", "metrics": f"http://{host}:{metrics_port}/metrics"})
+
+    stores = [worker(f"kvstore-{i}", "kvstore", off + 50060 + i, off + 9460 + i, "--capacity-mb", str(args.kvstore_capacity_mb))
+              for i in range(args.kvstores)]
+    experts = []
+    worker_flags = ["--model", model, *threads, *extra]
+    num_experts = num_routed_experts(model_path)
+    if num_experts and args.expert_replicas > 0:
+        experts = [worker(f"expert-{i}", "expert", off + 50090 + i, off + 9490 + i, "--model", model, "--experts", spec, *threads)
+                   for i, spec in enumerate(expert_groups(num_experts, args.expert_replicas))]
+        worker_flags += ["--expert-backend", "remote"]
+    tiers.append(stores + experts)
+    tiers.append(
+        [worker(f"prefill-{i}", "prefill", off + 50070 + i, off + 9470 + i, *worker_flags) for i in range(args.prefill_workers)]
+        + [worker(f"decode-{i}", "decode", off + 50080 + i, off + 9480 + i, *worker_flags) for i in range(args.decode_workers)]
+    )
+    base = f"http://{host}:{args.port}"
+    router = cleave_argv(
+        "router", *common, "--model", model, "--served-model-name", args.served_model_name or args.model,
+        "--port", str(args.port), "--grpc-port", str(args.grpc_port), "--instance-id", "router-0",
+    )
+    info = {**router_info(args, base), "grpc": f"{host}:{args.grpc_port}", "admin": f"{base}/admin/instances"}
+    tiers.append([ProcessSpec("router", router, health_url=f"{base}/health", info=info)])
+    return tiers
+
+
+def redis_server_binary() -> str:
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found is None:
+        raise StartupError("redis-server is not installed; run: make install (infra/scripts/redis.sh install)")
+    return found
+
+
+def platform_specs(args: argparse.Namespace, model_path: Path, extra: list[str]) -> list[list[ProcessSpec]]:
+    """The processes of the embedded platform, in tiers of start order."""
+    if args.mode == "single":
+        return single_specs(args, model_path, extra)
+    return disaggregated_specs(args, model_path, extra)
+
+
+def ports_taken(tiers: list[list[ProcessSpec]], args: argparse.Namespace) -> list[str]:
+    taken = []
+    for spec in (spec for tier in tiers for spec in tier):
+        if spec.name == "redis":
+            continue
+        for flag in ("--port", "--metrics-port", "--grpc-port"):
+            if flag in spec.argv:
+                port = int(spec.argv[spec.argv.index(flag) + 1])
+                if port and port_in_use(client_host(args.host), port):
+                    taken.append(f"{spec.name} {flag} {port}")
+    return taken
 
 
 def cmd_up(args: argparse.Namespace, extra: list[str]) -> int:
@@ -249,9 +375,6 @@ def cmd_up(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     for stale in supervisor.states():
         supervisor.forget(stale.name)
-    if port_in_use(client_host(args.host), args.port):
-        print(f"error: port {args.port} on {args.host} is already in use; pick another with --port", file=sys.stderr)
-        return 1
     print(f"resolving model {args.model} ...", file=sys.stderr, flush=True)
     try:
         from cleave.router.main import resolve_model
@@ -261,30 +384,48 @@ def cmd_up(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"error: cannot resolve model {args.model!r}: {exc}", file=sys.stderr)
         return 1
     print(f"model ready at {model_path}", file=sys.stderr, flush=True)
+    try:
+        tiers = platform_specs(args, model_path, extra)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if taken := ports_taken(tiers, args):
+        print("error: ports already in use: " + ", ".join(taken) + "; stop what holds them or pick others "
+              "(--port, --grpc-port)", file=sys.stderr)
+        return 1
     started: list[ProcessState] = []
-    for spec in platform_specs(args, model_path, extra):
-        print(f"starting {spec.name} ...", file=sys.stderr, flush=True)
-        state = supervisor.start(spec)
-        started.append(state)
-        try:
-            supervisor.wait_healthy(state, args.timeout)
-        except StartupError as exc:
-            print(f"error: {exc}. Last lines of {state.log}:\n{supervisor.log_tail(spec.name)}", file=sys.stderr)
-            for earlier in reversed(started[:-1]):
-                supervisor.stop(earlier)
-            return 1
+    for tier in tiers:
+        states = []
+        for spec in tier:
+            print(f"starting {spec.name} ...", file=sys.stderr, flush=True)
+            states.append(supervisor.start(spec))
+        started += states
+        for state in states:
+            try:
+                supervisor.wait_healthy(state, args.timeout)
+            except StartupError as exc:
+                print(f"error: {exc}. Last lines of {state.log}:\n{supervisor.log_tail(state.name)}", file=sys.stderr)
+                for earlier in reversed(started):
+                    supervisor.stop(earlier)
+                return 1
+            print(f"  {state.name} ready", file=sys.stderr, flush=True)
     print_ready(started[-1])
     return 0
 
 
 def print_ready(state: ProcessState) -> None:
     url, model = state.info["url"], state.info["model"]
+    extra = ""
+    if "grpc" in state.info:
+        extra += f"\n  gRPC       {state.info['grpc']}  (cleave.v1.Generate/Generate, reflection on)"
+    if "admin" in state.info:
+        extra += f"\n  instances  {state.info['admin']}  (or: cleave status)"
     print(
         f"""cleave is up (model {model})
-  REST API   {url}
+  REST API   {url}{extra}
   models     {state.info['models']}
   metrics    {state.info['metrics']}
-  logs       {state.log}
+  logs       {Path(state.log).parent}
 
 Try it:
   curl {url}/chat/completions -H 'Content-Type: application/json' \\
@@ -303,12 +444,36 @@ def print_status(supervisor: Supervisor, states: list[ProcessState]) -> bool:
     healthy = True
     for state in states:
         alive = supervisor.is_alive(state)
-        ready = alive and (state.health_url is None or http_ok(state.health_url))
+        ready = alive and (state.health_url is None or probe(state.health_url))
         healthy &= ready
-        condition = "running" if ready else ("running, not answering health checks" if alive else "dead")
+        condition = "running" if ready else ("running, not ready" if alive else "dead")
         where = state.info.get("url", "")
-        print(f"  {state.name:<10} {condition:<10} pid {state.pid:<8} {where}")
+        print(f"  {state.name:<10} {condition:<18} pid {state.pid:<8} {where}")
     return healthy
+
+
+def fetch_json(url: str, timeout: float = 3.0) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def format_load(load: dict) -> str:
+    keys = ("num_running", "num_waiting", "num_free_kv_blocks", "num_queued_prompt_tokens", "num_blocks",
+            "used_bytes", "num_calls")
+    shown = [f"{k.removeprefix('num_')}={load[k]:g}" for k in keys if isinstance(load.get(k), (int, float))]
+    return " ".join(shown) or "-"
+
+
+def print_instances(snapshot: dict) -> None:
+    """The registry as the router sees it: instances by role, with health and load."""
+    print(f"registered instances (model {snapshot.get('model', '?')}):")
+    for role, instances in snapshot.get("roles", {}).items():
+        for inst in instances:
+            print(f"  {role:<8} {inst['instance_id']:<12} {inst['health']:<12} {inst['address']:<18} "
+                  f"in_flight={inst.get('in_flight', 0)} {format_load(inst.get('load', {}))}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -318,7 +483,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("cleave is not running")
         return 0
     print("cleave processes:")
-    return 0 if print_status(supervisor, states) else 1
+    healthy = print_status(supervisor, states)
+    admin = next((s.info["admin"] for s in states if "admin" in s.info), None)
+    if admin is not None:
+        snapshot = fetch_json(admin)
+        if snapshot is None:
+            print(f"router admin endpoint {admin} is not answering")
+            healthy = False
+        else:
+            print_instances(snapshot)
+    return 0 if healthy else 1
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -336,19 +510,48 @@ def cmd_down(args: argparse.Namespace) -> int:
 def build_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"cleave {command}")
     if command == "up":
-        parser.description = "Start the platform in the background; unknown flags go to `cleave serve`."
-        parser.add_argument("--model", default=os.environ.get("CLEAVE_MODEL", DEFAULT_MODEL),
-                            help="model-zoo name or model folder")
+        parser.description = (
+            "Start the platform in the background. Unknown flags go to the prefill and decode workers "
+            "(engine flags such as --max-num-seqs), or to `cleave serve` with --mode single."
+        )
+        parser.add_argument("--model", default=os.environ.get("CLEAVE_MODEL", PLATFORM_MODEL),
+                            help=f"model-zoo name or model folder (default {PLATFORM_MODEL}, an MoE model)")
+        parser.add_argument("--dense", action="store_true", help=f"serve the dense {DEFAULT_MODEL} instead")
+        parser.add_argument("--mode", choices=("disaggregated", "single"), default="disaggregated",
+                            help="the whole platform, or one process with the engine inside")
         parser.add_argument("--served-model-name", default="", help="name clients send as `model`")
         parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--port", type=int, default=8000, help="router HTTP port")
+        parser.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port")
+        parser.add_argument("--redis-port", type=int, default=6390, help="Redis port (started unless one answers)")
+        parser.add_argument("--prefill-workers", type=int, default=1)
+        parser.add_argument("--decode-workers", type=int, default=2)
+        parser.add_argument("--expert-replicas", type=int, default=2, help="for an MoE model; 0 keeps experts local")
+        parser.add_argument("--kvstores", type=int, default=1)
+        parser.add_argument("--kvstore-capacity-mb", type=float, default=1024.0)
+        parser.add_argument("--port-offset", type=int, default=0,
+                            help="added to every worker port (gRPC 50060-50099, metrics 9460-9499), to run two platforms")
+        parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker process")
         parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     elif command == "down":
         parser.description = "Stop every process `cleave up` started."
         parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait before SIGKILL")
     else:
-        parser.description = "Show what `cleave up` started."
+        parser.description = "Show what `cleave up` started, and the instances registered with the router."
     return parser
+
+
+def check_up_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.dense:
+        args.model = DEFAULT_MODEL
+    for name in ("prefill_workers", "decode_workers", "kvstores", "worker_threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.expert_replicas < 0:
+        parser.error("--expert-replicas must be >= 0")
+    for name, limit in (("prefill_workers", 10), ("decode_workers", 10), ("kvstores", 10), ("expert_replicas", 10)):
+        if getattr(args, name) > limit:
+            parser.error(f"--{name.replace('_', '-')} must be <= {limit} (ports are numbered from a base)")
 
 
 def run_command(command: str, argv: Sequence[str]) -> int:
@@ -356,6 +559,7 @@ def run_command(command: str, argv: Sequence[str]) -> int:
     parser = build_parser(command)
     if command == "up":
         args, extra = parser.parse_known_args(argv)
+        check_up_args(parser, args)
         return cmd_up(args, extra)
     args = parser.parse_args(argv)
     return cmd_down(args) if command == "down" else cmd_status(args)

@@ -7,8 +7,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-DEFAULT_PORT = 50070
-DEFAULT_METRICS_PORT = 9470
+DEFAULT_PORT = 50090
+DEFAULT_METRICS_PORT = 9490
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"  # infra/scripts/redis.sh's default port
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, AsyncContextManager, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -69,9 +69,12 @@ def create_app(
     instance_id: str | None = None,
     start_engine: bool = False,
     metrics: RouterMetrics | None = None,
+    services: Callable[[], AsyncContextManager[Any]] | None = None,
 ) -> FastAPI:
     """Build the app. With ``start_engine`` the app's lifespan calls the engine's
-    ``start()`` on startup and ``shutdown()`` after the server has drained."""
+    ``start()`` on startup and ``shutdown()`` after the server has drained. ``services``
+    (an async context manager factory) runs inside that, for what shares the app's
+    event loop: a gRPC server, the registry record."""
     metrics = metrics or RouterMetrics()
     instance_id = instance_id or default_instance_id()
 
@@ -80,7 +83,11 @@ def create_app(
         if start_engine:
             await _maybe_await(engine.start())
         try:
-            yield
+            if services is None:
+                yield
+            else:
+                async with services():
+                    yield
         finally:
             if start_engine:
                 await _maybe_await(engine.shutdown())

@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-ENDPOINTS = ("completions", "chat_completions", "models", "health", "metrics")
+ENDPOINTS = ("completions", "chat_completions", "models", "health", "metrics", "grpc_generate")
 OUTCOMES = ("success", "client_error", "server_error", "cancelled")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -69,6 +69,20 @@ class RouterMetrics:
         )
         self.generation_tokens = Counter("cleave_router_generation_tokens", "Tokens generated", registry=r)
         self.running = Gauge("cleave_router_requests_running", "Requests being generated now", registry=r)
+        # Disaggregated serving only: where requests went and what failed on the way.
+        self.routed = Counter(
+            "cleave_router_routed", "Requests sent to a worker, by role and instance", ["role", "instance_id"],
+            registry=r,
+        )
+        self.worker_failures = Counter(
+            "cleave_router_worker_failures", "Worker calls that failed and were retried elsewhere, by role",
+            ["role"], registry=r,
+        )
+        self.resumed = Counter(
+            "cleave_router_decode_resumes", "Requests resumed on another decode worker mid-stream", registry=r
+        )
+        for role in ("prefill", "decode"):
+            self.worker_failures.labels(role)
         # Every series exists from the start, so rates over a quiet label are 0, not absent.
         for endpoint in ENDPOINTS + ("other",):
             for outcome in OUTCOMES:

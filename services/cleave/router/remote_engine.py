@@ -1,0 +1,205 @@
+"""The router's engine: an ``EngineClient`` whose requests run on a prefill worker and a
+decode worker chosen per request, joined by the KV store (docs/prefill-decode.md).
+
+One request: route a prefill worker, ``Prefill`` (the prompt's KV goes to the store, the
+first token comes back), route a decode worker of the same block hashes, ``Decode`` and
+relay its stream. A worker that fails before answering is set aside and the call goes to
+another; a decode worker that dies mid-stream is replaced by another that resumes from
+the stored blocks and every token already relayed, so the client sees one unbroken,
+identical stream. ``INVALID_ARGUMENT`` from a worker is the caller's fault and becomes a
+``ValueError`` (HTTP 400); running out of workers is :class:`ServiceUnavailableError`
+(HTTP 503)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import AsyncGenerator
+
+import grpc
+
+from cleave.common.kv_handoff import params_to_proto
+from cleave.engine.outputs import RequestOutput, ServiceUnavailableError
+from cleave.engine.sampling_params import SamplingParams
+from cleave.protogen.cleave.v1 import common_pb2
+from cleave.protogen.cleave.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from cleave.router.plugins import Candidate, Pipeline, RoutingContext
+from cleave.router.workers import WorkerPool
+
+log = logging.getLogger("cleave.router")
+
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+# Answers that say the request itself is wrong; another worker would say the same.
+CALLER_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+
+
+@dataclass(slots=True)
+class RemoteEngineConfig:
+    max_attempts: int = 3  # workers tried per stage (prefill, and each decode resume)
+    prefill_timeout: float = 120.0
+    decode_timeout: float = 600.0
+    fallback_max_model_len: int = 2048
+
+
+class RemoteEngineClient:
+    def __init__(
+        self, pool: WorkerPool, prefill: Pipeline, decode: Pipeline, config: RemoteEngineConfig | None = None,
+        metrics=None,
+    ) -> None:
+        self.pool = pool
+        self.prefill_pipeline = prefill
+        self.decode_pipeline = decode
+        self.config = config or RemoteEngineConfig()
+        self.metrics = metrics
+        self._calls: dict[str, grpc.aio.Call] = {}
+        self._aborted: dict[str, bool] = {}
+        self._running = False
+
+    async def start(self) -> None:
+        await self.pool.start()
+        self._running = True
+
+    async def shutdown(self) -> None:
+        self._running = False
+        await self.pool.close()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.pool.max_model_len() or self.config.fallback_max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        """Serving needs at least one prefill and one decode worker that pass health checks."""
+        return self._running and bool(self.pool.candidates("prefill")) and bool(self.pool.candidates("decode"))
+
+    async def abort(self, request_id: str) -> None:
+        """End a running request; its stream's last output has finish reason ``abort``."""
+        call = self._calls.get(request_id)
+        if call is not None:
+            self._aborted[request_id] = True
+            call.cancel()
+
+    async def _choose(self, pipeline: Pipeline, ctx: RoutingContext) -> Candidate:
+        chosen = await pipeline.choose(ctx, self.pool.candidates(ctx.role))
+        if chosen is None:
+            tried = f" ({len(ctx.exclude)} failed this request)" if ctx.exclude else ""
+            raise ServiceUnavailableError(
+                f"no {ctx.role} worker is available for model {self.pool.model!r}{tried}; try again later"
+            )
+        if self.metrics is not None:
+            self.metrics.routed.labels(ctx.role, chosen.instance_id).inc()
+        return chosen
+
+    async def _prefill(self, request_id: str, token_ids: list[int], params: SamplingParams):
+        ctx = RoutingContext("prefill", request_id, token_ids, lookup_stored=self.pool.lookup_stored)
+        request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=token_ids, params=params_to_proto(params))
+        failures: list[str] = []
+        for _ in range(self.config.max_attempts):
+            worker = await self._choose(self.prefill_pipeline, ctx)
+            stub = prefill_pb2_grpc.PrefillStub(self.pool.channel(worker.record.address))
+            self.pool.acquire(worker.instance_id, len(token_ids))
+            try:
+                call = stub.Prefill(request, timeout=self.config.prefill_timeout)
+                self._calls[request_id] = call
+                return worker, await call
+            except grpc.RpcError as exc:
+                if exc.code() in CALLER_ERRORS:
+                    raise ValueError(exc.details()) from None
+                failures.append(self._set_aside(worker, "prefill", exc))
+                ctx.exclude = ctx.exclude | {worker.instance_id}
+            finally:
+                self._calls.pop(request_id, None)
+                self._aborted.pop(request_id, None)
+                self.pool.release(worker.instance_id, len(token_ids))
+        raise ServiceUnavailableError(f"prefill failed on {len(failures)} workers: " + "; ".join(failures))
+
+    def _set_aside(self, worker: Candidate, role: str, exc: grpc.RpcError) -> str:
+        message = f"{worker.instance_id}: {exc.code().name}: {exc.details()}"
+        log.warning(f"{role} worker failed; trying another", extra={"instance_id": worker.instance_id,
+                                                                     "error": message})
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self.pool.forget(worker.instance_id)
+        if self.metrics is not None:
+            self.metrics.worker_failures.labels(role).inc()
+        return message
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[RequestOutput, None]:
+        prompt = list(prompt_token_ids)
+        prefill_worker, first = await self._prefill(request_id, prompt, params)
+        served_by = {"prefill": prefill_worker.instance_id}
+        generated = [first.first_token_id]
+        logprobs = [first.logprob] if params.logprobs else []
+        finish = FINISH_REASONS.get(first.finish_reason)
+        if finish is not None:
+            yield RequestOutput(request_id, generated, logprobs, True, finish, len(prompt), 1,
+                                first.num_cached_tokens, served_by)
+            return
+
+        ctx = RoutingContext("decode", request_id, prompt + generated, lookup_stored=self.pool.lookup_stored,
+                             root_hash=str(prefill_worker.record.capabilities.get("root_hash")))
+        decode_worker = await self._choose(self.decode_pipeline, ctx)
+        served_by["decode"] = decode_worker.instance_id
+        yield RequestOutput(request_id, list(generated), logprobs, False, None, len(prompt), 1,
+                            first.num_cached_tokens, dict(served_by))
+
+        failures: list[str] = []
+        resumed = False
+        while True:
+            request = decode_pb2.DecodeRequest(
+                request_id=request_id, token_ids=prompt + generated, block_hashes=first.block_hashes,
+                params=params_to_proto(params), num_generated=len(generated),
+            )
+            worker = decode_worker
+            stub = decode_pb2_grpc.DecodeStub(self.pool.channel(worker.record.address))
+            self.pool.acquire(worker.instance_id)
+            call = stub.Decode(request, timeout=self.config.decode_timeout)
+            self._calls[request_id] = call
+            try:
+                async for item in call:
+                    generated.extend(item.token_ids)
+                    finish = FINISH_REASONS.get(item.finish_reason)
+                    yield RequestOutput(
+                        request_id, list(item.token_ids), list(item.logprobs), finish is not None, finish,
+                        len(prompt), len(generated), first.num_cached_tokens, dict(served_by) if resumed else {},
+                    )
+                    resumed = False
+                    if finish is not None:
+                        return
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                           details="the decode stream ended before the request finished")
+            except asyncio.CancelledError:
+                if self._aborted.pop(request_id, None) is None:
+                    raise
+                yield RequestOutput(request_id, [], [], True, "abort", len(prompt), len(generated),
+                                    first.num_cached_tokens)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() in CALLER_ERRORS:
+                    raise ValueError(exc.details()) from None
+                failures.append(self._set_aside(worker, "decode", exc))
+                if len(failures) >= self.config.max_attempts:
+                    raise ServiceUnavailableError(
+                        f"decode failed on {len(failures)} workers: " + "; ".join(failures)) from None
+                ctx.exclude = ctx.exclude | {worker.instance_id}
+                decode_worker = await self._choose(self.decode_pipeline, ctx)
+                served_by["decode"] = decode_worker.instance_id
+                resumed = True
+                if self.metrics is not None:
+                    self.metrics.resumed.inc()
+                log.info("resuming request on another decode worker",
+                         extra={"request_id": request_id, "instance_id": decode_worker.instance_id,
+                                "num_generated": len(generated)})
+            finally:
+                # Closing this generator early (stop string, client gone) lands here too:
+                # cancelling the call makes the decode worker abort the request.
+                if self._calls.get(request_id) is call:
+                    del self._calls[request_id]
+                call.cancel()
+                self.pool.release(worker.instance_id)
