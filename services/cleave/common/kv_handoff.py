@@ -26,12 +26,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.metrics_http import MetricsHTTPServer
 from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistration, AsyncRegistry, InstanceRecord
-from cleave.engine.async_engine import AsyncLLMEngine
+from cleave.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from cleave.engine.config import EngineConfig
 from cleave.engine.kv_transfer import KVBlock
+from cleave.engine.llm_engine import LLMEngine
 from cleave.engine.sampling_params import SamplingParams
+from cleave.expert.client import RemoteExpertBackend, model_name
 from cleave.kvstore import index as kvindex
 from cleave.kvstore.client import KVStoreClient, group_by_store, group_for_read
+from cleave.models.config import ModelConfig
+from cleave.models.moe import ExpertBackendError
 from cleave.modelzoo.registry import resolve
 from cleave.protogen.cleave.v1 import common_pb2
 
@@ -261,18 +265,28 @@ class WorkerConfig(EngineConfig):
     kv_pin_seconds: float = field(
         default=60.0, metadata={"help": "pin blocks put or reused this long, so the next stage finds them; 0: no pin"}
     )
+    expert_backend: str = field(
+        default="local",
+        metadata={"help": "where an MoE model's routed experts run: 'local' (in this process) or 'remote' "
+                          "(expert replicas of this model found in the registry at redis_url; not loaded here)"},
+    )
+    expert_timeout_seconds: float = field(default=10.0, metadata={"help": "deadline of one expert replica call"})
 
     def __post_init__(self) -> None:
         EngineConfig.__post_init__(self)
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65535], not {getattr(self, name)}")
-        for name in ("registry_ttl_seconds", "load_report_seconds", "kvstore_timeout_seconds"):
+        for name in ("registry_ttl_seconds", "load_report_seconds", "kvstore_timeout_seconds", "expert_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
         for name in ("drain_grace_seconds", "kv_pin_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.expert_backend not in ("local", "remote"):
+            raise ValueError(f"expert_backend must be 'local' or 'remote', not {self.expert_backend!r}")
+        if self.expert_backend == "remote" and not self.redis_url:
+            raise ValueError("expert_backend 'remote' finds the expert replicas in the registry: set redis_url")
         if not self.instance_id:
             self.instance_id = f"{self.role}-{socket.gethostname()}-{os.getpid()}"
         if ":" in self.instance_id:
@@ -287,6 +301,26 @@ class WorkerConfig(EngineConfig):
         if model_path is not None:
             values["model"] = model_path
         return EngineConfig(**values)
+
+
+def remote_expert_backend(config: WorkerConfig, model_path: str) -> RemoteExpertBackend:
+    """The expert replicas of this model (by folder name, as replicas register it)."""
+    if not ModelConfig.from_pretrained(model_path).is_moe:
+        raise ValueError(f"expert_backend 'remote' needs a Mixture-of-Experts model; {config.model} is dense")
+    backend = RemoteExpertBackend.from_registry(
+        config.redis_url, model=model_name(model_path), timeout=config.expert_timeout_seconds
+    )
+    log.info("experts run in expert replicas", extra={
+        "model": model_name(model_path), "num_replicas": len(backend.replicas)})
+    return backend
+
+
+def engine_error_status(exc: EngineDeadError | EngineStepError) -> grpc.StatusCode:
+    """UNAVAILABLE when the engine is gone or the expert pool failed a step (another
+    worker, or a later try, may succeed); INTERNAL for any other failed step."""
+    if isinstance(exc, EngineStepError) and not isinstance(exc.__cause__, ExpertBackendError):
+        return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode.UNAVAILABLE
 
 
 # -- metrics -----------------------------------------------------------------------------
@@ -337,7 +371,13 @@ class WorkerServer:
 
     def __init__(self, config: WorkerConfig, engine: AsyncLLMEngine | None = None) -> None:
         self.config = config
-        self.engine = engine or AsyncLLMEngine(config.engine_config(config.model and str(resolve(config.model))))
+        self.expert_backend: RemoteExpertBackend | None = None
+        if engine is None:
+            model_path = config.model and str(resolve(config.model))
+            if config.expert_backend == "remote":
+                self.expert_backend = remote_expert_backend(config, model_path)
+            engine = AsyncLLMEngine(engine=LLMEngine(config.engine_config(model_path), self.expert_backend))
+        self.engine = engine
         self.metrics = WorkerMetrics(config.role, config.instance_id, self.engine)
         self.redis: aioredis.Redis | None = None
         self.handoff: KVHandoff | None = None
@@ -384,6 +424,7 @@ class WorkerServer:
                 capabilities={
                     "model": config.model, "block_size": config.block_size, "root_hash": str(engine.root_hash),
                     "max_model_len": engine.max_model_len, "metrics_port": self.metrics_port,
+                    "expert_backend": config.expert_backend,
                 },
                 load=self.load(),
             )
@@ -413,6 +454,8 @@ class WorkerServer:
             self._load_task.cancel()
             await asyncio.gather(self._load_task, return_exceptions=True)
         await asyncio.to_thread(self.engine.shutdown)
+        if self.expert_backend is not None:
+            self.expert_backend.close()
         if self.handoff is not None:
             await self.handoff.close()
         if self.redis is not None:

@@ -9,8 +9,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, params_from_proto
-from cleave.engine.async_engine import EngineDeadError
+from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, engine_error_status, params_from_proto
+from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import decode_pb2 as pb
 from cleave.protogen.cleave.v1 import decode_pb2_grpc as pb_grpc
 
@@ -76,9 +76,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         except ValueError as exc:
             outcome = "invalid"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineDeadError as exc:
+        except (EngineDeadError, EngineStepError) as exc:
             outcome = "error"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(engine_error_status(exc), str(exc))
         finally:
             # A client that goes away cancels this handler; closing the stream aborts
             # the engine request and frees its blocks.

@@ -14,12 +14,23 @@ from cleave.engine.kv_transfer import KVBlock
 from cleave.engine.llm_engine import LLMEngine
 from cleave.engine.outputs import RequestOutput
 from cleave.engine.sampling_params import SamplingParams
+from cleave.models.moe import ExpertBackendError
 
 log = logging.getLogger("cleave.engine")
 
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped; no request can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed: each request it ran fails with one of these, whose ``__cause__``
+    is the step's exception (e.g. :class:`cleave.models.moe.ExpertBackendError`, which
+    the workers report as UNAVAILABLE); the engine goes on serving."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"engine step failed: {cause}")
+        self.__cause__ = cause
 
 
 class AsyncLLMEngine:
@@ -161,11 +172,14 @@ class AsyncLLMEngine:
                     engine.abort_request(payload)
             try:
                 outputs = engine.step()
-            except Exception as exc:  # a bug, not bad input: fail what is running, keep serving
-                log.exception("engine step failed; aborting running requests")
+            except Exception as exc:  # not bad input: fail what is running, keep serving
+                if isinstance(exc, ExpertBackendError):  # the expert pool, not this process: no traceback
+                    log.warning("engine step failed; aborting running requests", extra={"error": str(exc)})
+                else:
+                    log.exception("engine step failed; aborting running requests")
                 for request_id in list(engine.sequences):
                     engine.abort_request(request_id)
-                    self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
+                    self._deliver(request_id, EngineStepError(exc))
                 continue
             self._stats = engine.stats()
             for out in outputs:

@@ -18,6 +18,7 @@ from cleave.engine.sampling_params import SamplingParams
 from cleave.engine.scheduler import Scheduler
 from cleave.engine.sequence import Sequence, SequenceStatus
 from cleave.models.loader import DTYPES, load_model
+from cleave.models.moe import ExpertBackend
 
 log = logging.getLogger("cleave.engine")
 
@@ -44,13 +45,16 @@ def model_fingerprint(model_path: str | Path, dtype: str, block_size: int) -> in
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """``expert_backend``: where an MoE model's routed experts run (e.g. expert
+    replicas); the model then holds none of their weights. Default: its own."""
+
+    def __init__(self, config: EngineConfig, expert_backend: ExpertBackend | None = None) -> None:
         if not config.model:
             raise ValueError("EngineConfig.model: a model folder is required")
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
-        self.model = load_model(config.model, config.dtype, config.device)
+        self.model = load_model(config.model, config.dtype, config.device, expert_backend)
         model_config = self.model.config
         self.model_config = model_config
         self.eos_token_ids = read_eos_token_ids(config.model)

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import redis
@@ -29,7 +30,7 @@ from cleave.common.grpc_server import channel_options
 from cleave.common.registry import Registry
 from cleave.expert.spec import Pair, format_spec, parse_canonical
 from cleave.expert.wire import from_proto, to_proto
-from cleave.models.moe import accumulate_slots
+from cleave.models.moe import ExpertBackendError, accumulate_slots
 from cleave.protogen.cleave.v1 import expert_pb2 as pb
 from cleave.protogen.cleave.v1 import expert_pb2_grpc as pb_grpc
 
@@ -44,11 +45,11 @@ RETRYABLE = frozenset({
 })
 
 
-class ExpertUnavailableError(RuntimeError):
+class ExpertUnavailableError(ExpertBackendError):
     """No reachable replica holds an expert that tokens were routed to."""
 
 
-class ExpertCallError(RuntimeError):
+class ExpertCallError(ExpertBackendError):
     """A replica refused a call or answered with something other than what was asked."""
 
 
@@ -59,6 +60,11 @@ class Replica:
     address: str
     experts: frozenset[Pair]
     instance_id: str = ""
+
+
+def model_name(path: str | Path) -> str:
+    """The name replicas register their model under, and callers match: its folder's name."""
+    return Path(path).name
 
 
 def replicas_from_registry(registry: Registry, model: str = "") -> list[Replica]:

@@ -12,6 +12,7 @@ import torch
 
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.registry import AsyncRegistration, AsyncRegistry, InstanceRecord
+from cleave.expert.client import model_name
 from cleave.expert.config import ExpertConfig
 from cleave.expert.metrics import ExpertMetrics
 from cleave.expert.spec import format_spec, parse_spec
@@ -134,7 +135,7 @@ class ExpertServer:
         model = self.experts.config
         return {
             "experts": format_spec(self.experts.pairs),
-            "model": str(self.config.model).rstrip("/").rsplit("/", 1)[-1],
+            "model": model_name(self.config.model),
             "family": model.family,
             "num_experts": model.num_experts,
             "dtype": self.config.dtype,

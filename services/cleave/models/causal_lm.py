@@ -12,13 +12,13 @@ from cleave.models.moe import ExpertBackend, LocalExpertBackend, SparseMoeBlock
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, routed_experts: bool = True) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if layer in config.moe_layers:
-            self.mlp: nn.Module = SparseMoeBlock(config, layer)
+            self.mlp: nn.Module = SparseMoeBlock(config, layer, routed_experts)
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
@@ -30,23 +30,29 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """With ``expert_backend`` the MoE layers' routed experts run there and the model
+    holds none of their weights; by default they are the model's own."""
+
+    def __init__(self, config: ModelConfig, expert_backend: ExpertBackend | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        routed = expert_backend is None
+        self.layers = nn.ModuleList(DecoderLayer(config, i, routed) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
         if config.is_moe:
-            self.set_expert_backend(self.local_expert_backend())
+            self.set_expert_backend(self.local_expert_backend() if expert_backend is None else expert_backend)
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)]
 
     def local_expert_backend(self) -> LocalExpertBackend:
+        if any(block.experts is None for block in self.moe_blocks()):
+            raise ValueError("this model was loaded without its routed experts: no local backend")
         return LocalExpertBackend({block.layer: block.experts for block in self.moe_blocks()})
 
     def set_expert_backend(self, backend: ExpertBackend) -> None:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from cleave.models.causal_lm import CausalLM
 from cleave.models.config import ModelConfig
 from cleave.models.layers import RotaryEmbedding
-from cleave.models.moe import SparseMoeBlock
+from cleave.models.moe import ExpertBackend, SparseMoeBlock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +42,10 @@ class Checkpoint:
         handle, full = self._locate(name)
         return handle.get_slice(full)[index]
 
+    def skip(self, name: str) -> None:
+        """Count ``name`` as used without reading it (a tensor served elsewhere)."""
+        self._locate(name)
+
     def untaken(self) -> list[str]:
         return sorted(set(self.where) - self.taken)
 
@@ -54,17 +58,25 @@ class Checkpoint:
         return located
 
 
-def expert_tensors(checkpoint: Checkpoint, config: ModelConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One routed expert's ``gate_up`` [2I, H] and ``down`` [H, I], from either the
-    per-expert layout (Mixtral's w1/w3/w2, Qwen2-MoE's gate/up/down_proj) or
-    transformers v5's fused ``experts.gate_up_proj``."""
+def expert_tensor_names(checkpoint: Checkpoint, config: ModelConfig, layer: int, expert: int) -> list[str]:
+    """The checkpoint tensors one routed expert is read from: transformers v5's fused
+    ``experts.gate_up_proj`` and ``experts.down_proj`` (one row each, shared by the
+    layer's experts), or its own gate, up and down (Mixtral's w1/w3/w2, Qwen2-MoE's
+    gate/up/down_proj)."""
     source = _moe_source(checkpoint, layer)
     if checkpoint.has(source + "experts.gate_up_proj"):
-        return checkpoint.get_row(source + "experts.gate_up_proj", expert), checkpoint.get_row(source + "experts.down_proj", expert)
-    gate, up, down = ("w1", "w3", "w2") if config.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    each = f"{source}experts.{expert}."
-    gate_up = torch.cat([checkpoint.get(f"{each}{gate}.weight"), checkpoint.get(f"{each}{up}.weight")])
-    return gate_up, checkpoint.get(f"{each}{down}.weight")
+        return [source + "experts.gate_up_proj", source + "experts.down_proj"]
+    names = ("w1", "w3", "w2") if config.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    return [f"{source}experts.{expert}.{name}.weight" for name in names]
+
+
+def expert_tensors(checkpoint: Checkpoint, config: ModelConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One routed expert's ``gate_up`` [2I, H] and ``down`` [H, I], in either layout."""
+    names = expert_tensor_names(checkpoint, config, layer, expert)
+    if len(names) == 2:
+        return checkpoint.get_row(names[0], expert), checkpoint.get_row(names[1], expert)
+    gate, up, down = (checkpoint.get(name) for name in names)
+    return torch.cat([gate, up]), down
 
 
 def _moe_source(checkpoint: Checkpoint, layer: int) -> str:
@@ -72,10 +84,17 @@ def _moe_source(checkpoint: Checkpoint, layer: int) -> str:
     return prefix + ("block_sparse_moe." if checkpoint.has(prefix + "block_sparse_moe.gate.weight") else "mlp.")
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> CausalLM:
+def load_model(
+    path: str | Path, dtype: str = "float32", device: str = "cpu", expert_backend: ExpertBackend | None = None
+) -> CausalLM:
+    """The model at ``path``. With ``expert_backend`` (an MoE model only) the routed
+    experts run there: their tensors are neither read nor held here, while every other
+    tensor, Qwen2-MoE's shared expert included, loads as usual."""
     config = ModelConfig.from_pretrained(path)
+    if expert_backend is not None and not config.is_moe:
+        raise ValueError(f"{path} is a dense model: only a Mixture-of-Experts model can run its experts elsewhere")
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = CausalLM(config, expert_backend)
     weights = Checkpoint(path)
     state: dict[str, torch.Tensor] = {
         "embed_tokens.weight": weights.get("embed_tokens.weight"),
@@ -95,7 +114,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
             state[attn + "qkv_proj.bias"] = torch.cat([weights.get(f"{attn}{p}_proj.bias") for p in "qkv"])
         state[attn + "o_proj.weight"] = weights.get(attn + "o_proj.weight")
         if isinstance(layer.mlp, SparseMoeBlock):
-            state.update(_moe_state(weights, config, i))
+            state.update(_moe_state(weights, config, i, routed=expert_backend is None))
         else:
             state.update(_mlp_state(weights, prefix + "mlp.", prefix + "mlp."))
     if unused := weights.untaken():
@@ -112,7 +131,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
         model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
     model.eval()
     if config.is_moe:
-        model.set_expert_backend(model.local_expert_backend())
+        model.set_expert_backend(model.local_expert_backend() if expert_backend is None else expert_backend)
     return model
 
 
@@ -125,15 +144,18 @@ def _mlp_state(weights: Checkpoint, source: str, target: str) -> dict[str, torch
     }
 
 
-def _moe_state(weights: Checkpoint, config: ModelConfig, layer: int) -> dict[str, torch.Tensor]:
+def _moe_state(weights: Checkpoint, config: ModelConfig, layer: int, routed: bool = True) -> dict[str, torch.Tensor]:
+    """The block's tensors; without ``routed`` its routed experts' are skipped."""
     target = f"layers.{layer}.mlp."
     source = _moe_source(weights, layer)
-    experts = [expert_tensors(weights, config, layer, e) for e in range(config.num_experts)]
-    state = {
-        target + "gate.weight": weights.get(source + "gate.weight"),
-        target + "experts.gate_up": torch.stack([gate_up for gate_up, _ in experts]),
-        target + "experts.down": torch.stack([down for _, down in experts]),
-    }
+    state = {target + "gate.weight": weights.get(source + "gate.weight")}
+    if routed:
+        experts = [expert_tensors(weights, config, layer, e) for e in range(config.num_experts)]
+        state[target + "experts.gate_up"] = torch.stack([gate_up for gate_up, _ in experts])
+        state[target + "experts.down"] = torch.stack([down for _, down in experts])
+    else:
+        for name in {n for e in range(config.num_experts) for n in expert_tensor_names(weights, config, layer, e)}:
+            weights.skip(name)
     if config.shared_expert_intermediate_size:
         state.update(_mlp_state(weights, source + "shared_expert.", target + "shared_expert."))
         state[target + "shared_expert_gate.weight"] = weights.get(source + "shared_expert_gate.weight")

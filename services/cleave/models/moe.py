@@ -14,8 +14,13 @@ from cleave.models.config import ModelConfig
 from cleave.models.layers import GatedMLP
 
 
+class ExpertBackendError(RuntimeError):
+    """The backend could not run the experts (replicas down or refusing the call): a
+    failure of the expert pool, not of the request, and another try may succeed."""
+
+
 class ExpertBackend(Protocol):
-    """Runs the routed experts of MoE layers."""
+    """Runs the routed experts of MoE layers; raises :class:`ExpertBackendError` when it cannot."""
 
     def forward(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -106,15 +111,19 @@ class LocalExpertBackend:
 
 class SparseMoeBlock(nn.Module):
     """Mixtral's and Qwen2-MoE's sparse block: softmax router, top-k, optional
-    renormalisation, and Qwen2-MoE's sigmoid-gated shared expert."""
+    renormalisation, and Qwen2-MoE's sigmoid-gated shared expert. Without
+    ``routed_experts`` the block holds no routed expert weights (``experts`` is None):
+    a backend elsewhere runs them."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, routed_experts: bool = True) -> None:
         super().__init__()
         self.layer = layer
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = ExpertWeights(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts: ExpertWeights | None = None
+        if routed_experts:
+            self.experts = ExpertWeights(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_expert = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size)

@@ -9,8 +9,8 @@ import time
 
 import grpc
 
-from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, params_from_proto
-from cleave.engine.async_engine import EngineDeadError
+from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, engine_error_status, params_from_proto
+from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import common_pb2
 from cleave.protogen.cleave.v1 import prefill_pb2 as pb
 from cleave.protogen.cleave.v1 import prefill_pb2_grpc as pb_grpc
@@ -61,9 +61,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         except ValueError as exc:
             metrics.requests.labels(outcome="invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineDeadError as exc:
+        except (EngineDeadError, EngineStepError) as exc:
             metrics.requests.labels(outcome="error").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(engine_error_status(exc), str(exc))
         finally:
             if queued:
                 self.num_queued_prompt_tokens -= len(prompt)
