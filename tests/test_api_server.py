@@ -73,7 +73,7 @@ def test_metrics_names_are_prefixed_and_labels_bounded(api_server):
     router_lines = [line for line in body.splitlines() if line.startswith("cleave_router_")]
     assert router_lines
     endpoints = {line.split('endpoint="')[1].split('"')[0] for line in router_lines if 'endpoint="' in line}
-    assert endpoints <= {"completions", "chat_completions", "models", "health", "metrics", "other"}
+    assert endpoints <= {"completions", "chat_completions", "models", "health", "metrics", "grpc_generate", "other"}
 
 
 def open_raw_request(root_url: str, path: str, body: dict) -> socket.socket:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("cleave.router")
@@ -76,8 +77,9 @@ def _message(error: dict[str, Any]) -> str:
     return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """Map FastAPI's 422 to OpenAI's 400, naming the offending field."""
+def validation_error(exc: RequestValidationError | ValidationError) -> APIError:
+    """Map FastAPI's 422 (or a request model's own ``ValidationError``) to OpenAI's 400,
+    naming the offending field."""
     errors = list(exc.errors()) or [{"loc": (), "msg": "invalid request", "type": ""}]
     first = errors[0]
     if first.get("type") == "json_invalid":

@@ -63,6 +63,7 @@ class Generation:
         self.tracker = tracker
         self.usage = GenerationUsage(prompt_tokens=len(prompt_token_ids))
         self.finish_reason: str | None = None
+        self._served_by: dict[str, str] = {}
         self._outputs: AsyncGenerator[RequestOutput, None] | None = None
         self._first: RequestOutput | None = None
         self._closed = False
@@ -75,6 +76,7 @@ class Generation:
         self.tracker.metrics.prompt_tokens.inc(len(self.prompt_token_ids))
         try:
             self._first = await anext(self._outputs)
+            self._served_by.update(self._first.served_by)
         except StopAsyncIteration:
             await self.close()
             raise RuntimeError("the engine ended the request without an output") from None
@@ -85,6 +87,12 @@ class Generation:
         except BaseException:
             await self.close()
             raise
+
+    @property
+    def served_by(self) -> dict[str, str]:
+        """Role -> instance id of the workers serving the request, as the engine last
+        reported them (known after ``start()``; empty for the in-process engine)."""
+        return dict(self._served_by)
 
     async def stream(self) -> AsyncIterator[TextDelta]:
         """The response text, step by step; the last delta carries the finish reason."""
@@ -100,6 +108,7 @@ class Generation:
             await self.close()
 
     def _step(self, output: RequestOutput) -> TextDelta:
+        self._served_by.update(output.served_by)
         if output.num_prompt_tokens:
             self.usage.prompt_tokens = output.num_prompt_tokens
         if output.num_cached_tokens > self.usage.cached_tokens:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
 import anyio
 from fastapi import Request
@@ -58,6 +58,16 @@ class SSEResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+
+
+# The roles of the workers a disaggregated request runs on; each gets a response header
+# (and gRPC metadata key) naming the instance, when the engine reports it.
+SERVED_BY_ROLES = ("prefill", "decode")
+
+
+def served_by_headers(served_by: Mapping[str, str]) -> dict[str, str]:
+    """``x-cleave-prefill-instance`` / ``x-cleave-decode-instance`` for the roles present."""
+    return {f"x-cleave-{role}-instance": served_by[role] for role in SERVED_BY_ROLES if served_by.get(role)}
 
 
 def sse_event(data: dict[str, Any] | str) -> str:
@@ -164,6 +174,10 @@ class OpenAIServing:
             total_tokens=u.prompt_tokens + u.completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens),
         )
+
+    def response_headers(self, generation: Generation) -> dict[str, str]:
+        """Headers of a started generation's response: its id and the workers serving it."""
+        return {"x-request-id": generation.request_id, **served_by_headers(generation.served_by)}
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

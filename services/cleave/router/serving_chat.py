@@ -41,14 +41,18 @@ class OpenAIServingChat(OpenAIServing):
         # The template writes the special tokens (BOS included) itself.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> JSONResponse | SSEResponse:
+    def prepare(self, request: ChatCompletionRequest) -> tuple[list[int], int]:
+        """Check a request; return its rendered prompt's token ids and output budget."""
         self.check_model(request.model)
         request.check_supported()
         prompt_ids = self.render(request)
-        max_tokens = self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens, None, "messages")
+        return prompt_ids, self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens, None, "messages")
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> JSONResponse | SSEResponse:
+        prompt_ids, max_tokens = self.prepare(request)
         request_id = self.new_request_id()
         generation = await self.start(request, request_id, prompt_ids, max_tokens, logprobs=request.logprobs)
-        headers = {"x-request-id": request_id}
+        headers = self.response_headers(generation)
         if request.stream:
             return SSEResponse(self.guard_stream(generation, self._stream(request, generation)), headers=headers)
         text, token_ids, logprobs = await self.run_to_end(generation, raw_request)

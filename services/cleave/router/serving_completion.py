@@ -25,7 +25,8 @@ class OpenAIServingCompletion(OpenAIServing):
     request_id_prefix = "cmpl"
     endpoint = "completions"
 
-    async def create_completion(self, request: CompletionRequest, raw_request: Request) -> JSONResponse | SSEResponse:
+    def prepare(self, request: CompletionRequest) -> tuple[list[int], int]:
+        """Check a request; return its prompt token ids and output budget."""
         self.check_model(request.model)
         request.check_supported()
         prompt = request.single_prompt()
@@ -34,10 +35,13 @@ class OpenAIServingCompletion(OpenAIServing):
         else:
             self.check_token_ids(prompt, "prompt")
             prompt_ids = list(prompt)
-        max_tokens = self.resolve_max_tokens(len(prompt_ids), request.max_tokens, DEFAULT_MAX_TOKENS, "prompt")
+        return prompt_ids, self.resolve_max_tokens(len(prompt_ids), request.max_tokens, DEFAULT_MAX_TOKENS, "prompt")
+
+    async def create_completion(self, request: CompletionRequest, raw_request: Request) -> JSONResponse | SSEResponse:
+        prompt_ids, max_tokens = self.prepare(request)
         request_id = self.new_request_id()
         generation = await self.start(request, request_id, prompt_ids, max_tokens, logprobs=request.logprobs is not None)
-        headers = {"x-request-id": request_id}
+        headers = self.response_headers(generation)
         if request.stream:
             return SSEResponse(self.guard_stream(generation, self._stream(request, generation)), headers=headers)
         text, token_ids, logprobs = await self.run_to_end(generation, raw_request)
