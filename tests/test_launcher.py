@@ -1,4 +1,5 @@
-"""``cleave up | status | down`` with a tiny model, in a temporary CLEAVE_HOME."""
+"""``cleave up | status | down`` with a tiny model, in a temporary CLEAVE_HOME, in
+single-process mode; tests/test_platform.py runs the disaggregated platform."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def cleave_cli(tmp_path):
 def test_up_status_down(cleave_cli, tiny_models, tmp_path):
     port = free_port()
     model = str(tiny_models["llama"])
-    up = cleave_cli("up", "--model", model, "--served-model-name", "tiny", "--port", str(port),
-                    "--timeout", "120", "--max-model-len", "256", "--kv-cache-memory-mb", "16")
+    up = cleave_cli("up", "--mode", "single", "--model", model, "--served-model-name", "tiny", "--port", str(port),
+                    "--grpc-port", str(free_port()), "--timeout", "120", "--max-model-len", "256", "--kv-cache-memory-mb", "16")
     assert up.returncode == 0, up.stderr
     base = f"http://127.0.0.1:{port}"
     for url in (f"{base}/v1", f"{base}/v1/models", f"{base}/metrics"):
@@ -59,7 +60,7 @@ def test_up_status_down(cleave_cli, tiny_models, tmp_path):
     supervisor = Supervisor(tmp_path / "home" / "run")
     (state,) = supervisor.states()
     assert supervisor.pid_path("router").read_text().strip() == str(state.pid)
-    assert is_alive(state.pid, state.argv)
+    assert is_alive(state.pid, state.start_ticks)
 
     # A stream in flight when `down` sends SIGTERM is allowed to finish.
     body = {"model": "tiny", "prompt": "The river", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
@@ -76,15 +77,15 @@ def test_up_status_down(cleave_cli, tiny_models, tmp_path):
     assert json.loads(events[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
     assert events[-1] == "down rc 0"
 
-    assert not is_alive(state.pid, state.argv)
+    assert not is_alive(state.pid, state.start_ticks)
     assert not supervisor.pid_path("router").exists()
     assert "not running" in cleave_cli("status").stdout
     assert "not running" in cleave_cli("down").stdout
 
 
 def test_up_reports_a_server_that_dies_during_startup(cleave_cli, tiny_models, tmp_path):
-    up = cleave_cli("up", "--model", str(tiny_models["llama"]), "--port", str(free_port()), "--timeout", "120",
-                    "--block-size", "3")
+    up = cleave_cli("up", "--mode", "single", "--model", str(tiny_models["llama"]), "--port", str(free_port()),
+                    "--grpc-port", str(free_port()), "--timeout", "120", "--block-size", "3")
     assert up.returncode == 1
     assert "exited during startup" in up.stderr
     assert "block_size must be a power of two" in up.stderr  # the log tail says why

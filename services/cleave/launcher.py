@@ -58,6 +58,7 @@ class ProcessState:
     started_at: float
     health_url: str | None = None
     info: dict[str, str] = field(default_factory=dict)
+    start_ticks: int | None = None
 
 
 class StartupError(RuntimeError):
@@ -95,7 +96,7 @@ class Supervisor:
         return next((s for s in self.states() if s.name == name), None)
 
     def is_alive(self, state: ProcessState) -> bool:
-        return is_alive(state.pid, state.argv)
+        return is_alive(state.pid, state.start_ticks)
 
     # -- start --------------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class Supervisor:
             )
         state = ProcessState(
             name=spec.name, pid=proc.pid, argv=spec.argv, log=str(log_path), started_at=time.time(),
-            health_url=spec.health_url, info=spec.info,
+            health_url=spec.health_url, info=spec.info, start_ticks=start_ticks(proc.pid),
         )
         self.pid_path(spec.name).write_text(f"{proc.pid}\n")
         self.state_path(spec.name).write_text(json.dumps(asdict(state), indent=2))
@@ -165,15 +166,25 @@ class Supervisor:
 # -- process helpers --------------------------------------------------------------------
 
 
-def is_alive(pid: int, argv: Sequence[str] | None = None) -> bool:
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (/proc/<pid>/stat field 22); None
+    where /proc cannot tell. A reused pid has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_alive(pid: int, started: int | None = None) -> bool:
     """True if ``pid`` runs and, where /proc can tell, is still the process we started
-    (pids are reused) and not a zombie waiting to be reaped."""
+    (same start time: pids are reused) and not a zombie waiting to be reaped."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return argv is None
+        return started is None
     proc = Path(f"/proc/{pid}")
     if not proc.is_dir():
         return True
@@ -181,12 +192,9 @@ def is_alive(pid: int, argv: Sequence[str] | None = None) -> bool:
         stat = (proc / "stat").read_text()
         if stat[stat.rindex(")") + 2 :].startswith("Z"):
             return False
-        if argv:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            return [part.decode(errors="replace") for part in cmdline if part] == list(argv)
     except (OSError, ValueError):
         return False
-    return True
+    return started is None or start_ticks(pid) == started
 
 
 def signal_group(pid: int, sig: int) -> None:
@@ -260,9 +268,10 @@ def single_specs(args: argparse.Namespace, model_path: Path, extra: list[str]) -
     base = f"http://{client_host(args.host)}:{args.port}"
     serve = cleave_argv(
         "serve", "--model", str(model_path), "--served-model-name", args.served_model_name or args.model,
-        "--host", args.host, "--port", str(args.port), *extra,
+        "--host", args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port), *extra,
     )
-    return [[ProcessSpec("router", serve, health_url=f"{base}/health", info=router_info(args, base))]]
+    info = {**router_info(args, base), "grpc": f"{client_host(args.host)}:{args.grpc_port}"}
+    return [[ProcessSpec("router", serve, health_url=f"{base}/health", info=info)]]
 
 
 def router_info(args: argparse.Namespace, base: str) -> dict[str, str]:
@@ -270,11 +279,11 @@ def router_info(args: argparse.Namespace, base: str) -> dict[str, str]:
             "model": args.served_model_name or args.model}
 
 
-def expert_groups(num_experts: int, replicas: int) -> list[str]:
-    """Each replica's experts spec: the experts split into ``min(replicas, num_experts)``
-    contiguous groups, replica ``i`` holding group ``i % groups`` (so replicas beyond
-    the number of groups are spares of earlier ones)."""
-    groups = min(replicas, num_experts)
+def expert_groups(num_experts: int, replicas: int, groups: int = 0) -> list[str]:
+    """Each replica's experts spec: the experts split into ``groups`` contiguous groups
+    (default: one per replica, at most one per expert), replica ``i`` holding group
+    ``i % groups``, so that replicas beyond the number of groups are spares of earlier ones."""
+    groups = min(groups or replicas, num_experts)
     bounds = [num_experts * g // groups for g in range(groups + 1)]
     specs = [f"{bounds[g]}-{bounds[g + 1] - 1}" if bounds[g + 1] - 1 > bounds[g] else str(bounds[g])
              for g in range(groups)]
@@ -290,7 +299,7 @@ def num_routed_experts(model_path: Path) -> int:
 def disaggregated_specs(args: argparse.Namespace, model_path: Path, extra: list[str]) -> list[list[ProcessSpec]]:
     """Tiers of processes: each tier starts at once and is ready before the next starts."""
     host = client_host(args.host)
-    off = args.port_offset
+    grpc_base, metrics_base = args.worker_base_port, args.metrics_base_port
     redis_url = f"redis://{host}:{args.redis_port}/0"
     model = str(model_path)
     threads = ["--num-threads", str(args.worker_threads)]
@@ -312,19 +321,19 @@ def disaggregated_specs(args: argparse.Namespace, model_path: Path, extra: list[
         return ProcessSpec(name, argv, health_url=f"grpc://{host}:{port}",
                            info={"url": f"{host}:{port}", "metrics": f"http://{host}:{metrics_port}/metrics"})
 
-    stores = [worker(f"kvstore-{i}", "kvstore", off + 50060 + i, off + 9460 + i, "--capacity-mb", str(args.kvstore_capacity_mb))
+    stores = [worker(f"kvstore-{i}", "kvstore", grpc_base + i, metrics_base + i, "--capacity-mb", str(args.kvstore_capacity_mb))
               for i in range(args.kvstores)]
     experts = []
     worker_flags = ["--model", model, *threads, *extra]
     num_experts = num_routed_experts(model_path)
     if num_experts and args.expert_replicas > 0:
-        experts = [worker(f"expert-{i}", "expert", off + 50090 + i, off + 9490 + i, "--model", model, "--experts", spec, *threads)
-                   for i, spec in enumerate(expert_groups(num_experts, args.expert_replicas))]
+        experts = [worker(f"expert-{i}", "expert", grpc_base + 30 + i, metrics_base + 30 + i, "--model", model, "--experts", spec, *threads)
+                   for i, spec in enumerate(expert_groups(num_experts, args.expert_replicas, args.expert_groups))]
         worker_flags += ["--expert-backend", "remote"]
     tiers.append(stores + experts)
     tiers.append(
-        [worker(f"prefill-{i}", "prefill", off + 50070 + i, off + 9470 + i, *worker_flags) for i in range(args.prefill_workers)]
-        + [worker(f"decode-{i}", "decode", off + 50080 + i, off + 9480 + i, *worker_flags) for i in range(args.decode_workers)]
+        [worker(f"prefill-{i}", "prefill", grpc_base + 10 + i, metrics_base + 10 + i, *worker_flags) for i in range(args.prefill_workers)]
+        + [worker(f"decode-{i}", "decode", grpc_base + 20 + i, metrics_base + 20 + i, *worker_flags) for i in range(args.decode_workers)]
     )
     base = f"http://{host}:{args.port}"
     router = cleave_argv(
@@ -527,10 +536,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--prefill-workers", type=int, default=1)
         parser.add_argument("--decode-workers", type=int, default=2)
         parser.add_argument("--expert-replicas", type=int, default=2, help="for an MoE model; 0 keeps experts local")
+        parser.add_argument("--expert-groups", type=int, default=0,
+                            help="ways the experts are split (default: one group per replica); replicas beyond "
+                                 "the groups hold a second copy, so one can die without a 503")
         parser.add_argument("--kvstores", type=int, default=1)
         parser.add_argument("--kvstore-capacity-mb", type=float, default=1024.0)
-        parser.add_argument("--port-offset", type=int, default=0,
-                            help="added to every worker port (gRPC 50060-50099, metrics 9460-9499), to run two platforms")
+        parser.add_argument("--worker-base-port", type=int, default=50060,
+                            help="workers' gRPC ports: kvstore base+0.., prefill +10.., decode +20.., expert +30..")
+        parser.add_argument("--metrics-base-port", type=int, default=9460,
+                            help="workers' /metrics ports, numbered as --worker-base-port")
         parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker process")
         parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     elif command == "down":
@@ -547,11 +561,16 @@ def check_up_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for name in ("prefill_workers", "decode_workers", "kvstores", "worker_threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.expert_replicas < 0:
-        parser.error("--expert-replicas must be >= 0")
+    if args.expert_replicas < 0 or args.expert_groups < 0:
+        parser.error("--expert-replicas and --expert-groups must be >= 0")
+    if args.expert_groups > args.expert_replicas:
+        parser.error("--expert-groups must be <= --expert-replicas: every group needs a replica")
     for name, limit in (("prefill_workers", 10), ("decode_workers", 10), ("kvstores", 10), ("expert_replicas", 10)):
         if getattr(args, name) > limit:
             parser.error(f"--{name.replace('_', '-')} must be <= {limit} (ports are numbered from a base)")
+    for name in ("worker_base_port", "metrics_base_port"):
+        if not 1024 <= getattr(args, name) <= 65535 - 40:
+            parser.error(f"--{name.replace('_', '-')} must be in [1024, 65495]")
 
 
 def run_command(command: str, argv: Sequence[str]) -> int:

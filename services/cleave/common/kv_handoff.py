@@ -315,12 +315,19 @@ def remote_expert_backend(config: WorkerConfig, model_path: str) -> RemoteExpert
     return backend
 
 
-def engine_error_status(exc: EngineDeadError | EngineStepError) -> grpc.StatusCode:
-    """UNAVAILABLE when the engine is gone or the expert pool failed a step (another
-    worker, or a later try, may succeed); INTERNAL for any other failed step."""
-    if isinstance(exc, EngineStepError) and not isinstance(exc.__cause__, ExpertBackendError):
-        return grpc.StatusCode.INTERNAL
-    return grpc.StatusCode.UNAVAILABLE
+# Trailing metadata naming why a worker failed a call, when the fault is not the
+# worker's own: ``experts`` means the shared expert pool, which every worker uses, so
+# the router answers 503 at once instead of trying another worker.
+FAILURE_CAUSE_KEY = "x-cleave-failure-cause"
+
+
+async def abort_engine_error(context: grpc.aio.ServicerContext, exc: EngineDeadError | EngineStepError) -> None:
+    """UNAVAILABLE when the engine is gone or the expert pool failed a step (a later try
+    may succeed); INTERNAL for any other failed step."""
+    if isinstance(exc, EngineStepError) and isinstance(exc.__cause__, ExpertBackendError):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=((FAILURE_CAUSE_KEY, "experts"),))
+    code = grpc.StatusCode.INTERNAL if isinstance(exc, EngineStepError) else grpc.StatusCode.UNAVAILABLE
+    await context.abort(code, str(exc))
 
 
 # -- metrics -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, engine_error_status, params_from_proto
+from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, abort_engine_error, params_from_proto
 from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import decode_pb2 as pb
 from cleave.protogen.cleave.v1 import decode_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (EngineDeadError, EngineStepError) as exc:
             outcome = "error"
-            await context.abort(engine_error_status(exc), str(exc))
+            await abort_engine_error(context, exc)
         finally:
             # A client that goes away cancels this handler; closing the stream aborts
             # the engine request and frees its blocks.

@@ -24,6 +24,11 @@ class RequestOutput:
     served_by: dict[str, str] = field(default_factory=dict)
 
 
+class ServiceUnavailableError(RuntimeError):
+    """The request cannot be served now (no worker or replica to run it); the caller may
+    retry later. Front ends answer HTTP 503 / gRPC UNAVAILABLE."""
+
+
 class EngineClient(Protocol):
     """What a front end (the REST/gRPC server) needs from an engine, local or remote."""
 

@@ -9,7 +9,7 @@ import time
 
 import grpc
 
-from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, engine_error_status, params_from_proto
+from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, abort_engine_error, params_from_proto
 from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import common_pb2
 from cleave.protogen.cleave.v1 import prefill_pb2 as pb
@@ -63,7 +63,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (EngineDeadError, EngineStepError) as exc:
             metrics.requests.labels(outcome="error").inc()
-            await context.abort(engine_error_status(exc), str(exc))
+            await abort_engine_error(context, exc)
         finally:
             if queued:
                 self.num_queued_prompt_tokens -= len(prompt)

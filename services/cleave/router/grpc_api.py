@@ -33,7 +33,7 @@ from cleave.router.metrics import RouterMetrics, outcome_label
 from cleave.router.protocol.chat import ChatCompletionRequest
 from cleave.router.protocol.common import SamplingRequest
 from cleave.router.protocol.completion import CompletionRequest
-from cleave.router.serving import OpenAIServing, TokenizerLike, served_by_headers
+from cleave.router.serving import OpenAIServing, TokenizerLike, mid_stream_error, served_by_headers
 from cleave.router.serving_chat import OpenAIServingChat
 from cleave.router.serving_completion import OpenAIServingCompletion
 
@@ -174,10 +174,10 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             outcome = "success"
         except APIError as exc:
             outcome, error = outcome_label(exc.status_code), exc
-        except Exception:
+        except Exception as exc:
             request_id = generation.request_id if generation is not None else request.request_id
             logger.exception("grpc generate failed", extra={"request_id": request_id})
-            outcome, error = "server_error", internal_error()
+            outcome, error = "server_error", mid_stream_error(exc)
         finally:
             if generation is not None:
                 await generation.close()

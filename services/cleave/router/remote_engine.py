@@ -19,7 +19,7 @@ from typing import AsyncGenerator
 
 import grpc
 
-from cleave.common.kv_handoff import params_to_proto
+from cleave.common.kv_handoff import FAILURE_CAUSE_KEY, params_to_proto
 from cleave.engine.outputs import RequestOutput, ServiceUnavailableError
 from cleave.engine.sampling_params import SamplingParams
 from cleave.protogen.cleave.v1 import common_pb2
@@ -36,6 +36,16 @@ FINISH_REASONS = {
 }
 # Answers that say the request itself is wrong; another worker would say the same.
 CALLER_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+
+
+def shared_cause(exc: grpc.RpcError) -> str | None:
+    """The shared dependency a worker blamed for its failure (``experts``), if any: every
+    worker would fail the same way, so the request fails now instead of moving on."""
+    try:
+        trailing = exc.trailing_metadata() or ()
+    except Exception:
+        return None
+    return next((value for key, value in trailing if key == FAILURE_CAUSE_KEY), None)
 
 
 @dataclass(slots=True)
@@ -84,13 +94,14 @@ class RemoteEngineClient:
             self._aborted[request_id] = True
             call.cancel()
 
-    async def _choose(self, pipeline: Pipeline, ctx: RoutingContext) -> Candidate:
+    async def _choose(self, pipeline: Pipeline, ctx: RoutingContext, failures: list[str] = ()) -> Candidate:
         chosen = await pipeline.choose(ctx, self.pool.candidates(ctx.role))
         if chosen is None:
-            tried = f" ({len(ctx.exclude)} failed this request)" if ctx.exclude else ""
+            if failures:
+                raise ServiceUnavailableError(
+                    f"{ctx.role} failed on every worker tried ({len(failures)}): " + "; ".join(failures))
             raise ServiceUnavailableError(
-                f"no {ctx.role} worker is available for model {self.pool.model!r}{tried}; try again later"
-            )
+                f"no {ctx.role} worker is available for model {self.pool.model!r}; try again later")
         if self.metrics is not None:
             self.metrics.routed.labels(ctx.role, chosen.instance_id).inc()
         return chosen
@@ -100,7 +111,7 @@ class RemoteEngineClient:
         request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=token_ids, params=params_to_proto(params))
         failures: list[str] = []
         for _ in range(self.config.max_attempts):
-            worker = await self._choose(self.prefill_pipeline, ctx)
+            worker = await self._choose(self.prefill_pipeline, ctx, failures)
             stub = prefill_pb2_grpc.PrefillStub(self.pool.channel(worker.record.address))
             self.pool.acquire(worker.instance_id, len(token_ids))
             try:
@@ -110,6 +121,8 @@ class RemoteEngineClient:
             except grpc.RpcError as exc:
                 if exc.code() in CALLER_ERRORS:
                     raise ValueError(exc.details()) from None
+                if shared_cause(exc):
+                    raise ServiceUnavailableError(exc.details()) from None
                 failures.append(self._set_aside(worker, "prefill", exc))
                 ctx.exclude = ctx.exclude | {worker.instance_id}
             finally:
@@ -183,12 +196,14 @@ class RemoteEngineClient:
             except grpc.RpcError as exc:
                 if exc.code() in CALLER_ERRORS:
                     raise ValueError(exc.details()) from None
+                if shared_cause(exc):
+                    raise ServiceUnavailableError(exc.details()) from None
                 failures.append(self._set_aside(worker, "decode", exc))
                 if len(failures) >= self.config.max_attempts:
                     raise ServiceUnavailableError(
                         f"decode failed on {len(failures)} workers: " + "; ".join(failures)) from None
                 ctx.exclude = ctx.exclude | {worker.instance_id}
-                decode_worker = await self._choose(self.decode_pipeline, ctx)
+                decode_worker = await self._choose(self.decode_pipeline, ctx, failures)
                 served_by["decode"] = decode_worker.instance_id
                 resumed = True
                 if self.metrics is not None:

@@ -95,11 +95,10 @@ def build_app(config: RouterConfig, model_path: Path):
     the registry record, and stops them in reverse."""
     from redis import asyncio as aioredis
 
-    from cleave.common.grpc_server import ServiceServer
     from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistry, InstanceRecord
     from cleave.models.tokenizer import Tokenizer
     from cleave.router.app import create_app
-    from cleave.router.grpc_api import GENERATE_SERVICE, add_generate_service
+    from cleave.router.grpc_api import start_grpc
     from cleave.router.metrics import RouterMetrics
     from cleave.router.remote_engine import RemoteEngineClient, RemoteEngineConfig
     from cleave.router.workers import WorkerPool
@@ -121,11 +120,11 @@ def build_app(config: RouterConfig, model_path: Path):
 
     @asynccontextmanager
     async def services():
-        grpc_server = ServiceServer(config.host, config.grpc_port, [GENERATE_SERVICE],
-                                    drain_grace=config.timeout_graceful_shutdown, advertise=config.advertise_address)
-        add_generate_service(grpc_server.server, engine, tokenizer, config.served_model_name, metrics,
-                             config.instance_id)
-        await grpc_server.start()
+        grpc_server = await start_grpc(
+            config.host, config.grpc_port, engine, tokenizer, config.served_model_name, metrics,
+            instance_id=config.instance_id, drain_grace=config.timeout_graceful_shutdown,
+            advertise=config.advertise_address,
+        )
         state["grpc"] = grpc_server
         record = InstanceRecord(ROLE, config.instance_id, grpc_server.address, capabilities={
             "model": config.model, "served_model_name": config.served_model_name,

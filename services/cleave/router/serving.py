@@ -12,7 +12,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from cleave.engine.outputs import EngineClient
+from cleave.engine.outputs import EngineClient, ServiceUnavailableError
 from cleave.engine.sampling_params import SamplingParams
 from cleave.router.errors import APIError, internal_error, model_not_found
 from cleave.router.generation import Generation
@@ -41,6 +41,15 @@ def engine_is_healthy(engine: EngineClient) -> bool:
 
 def engine_unavailable() -> APIError:
     return APIError(503, "The engine is not running; try again later.", code="engine_unavailable")
+
+
+def service_unavailable(exc: ServiceUnavailableError) -> APIError:
+    return APIError(503, str(exc), code="service_unavailable")
+
+
+def mid_stream_error(exc: Exception) -> APIError:
+    """What a client is told when a generation fails after its response has begun."""
+    return service_unavailable(exc) if isinstance(exc, ServiceUnavailableError) else internal_error()
 
 
 class SSEResponse(StreamingResponse):
@@ -160,6 +169,8 @@ class OpenAIServing:
             await generation.start()
         except APIError:
             raise
+        except ServiceUnavailableError as exc:
+            raise service_unavailable(exc) from None
         except Exception:
             if not engine_is_healthy(self.engine):
                 raise engine_unavailable() from None
@@ -223,10 +234,10 @@ class OpenAIServing:
             async for event in events:
                 yield event
             outcome = "success"
-        except Exception:
+        except Exception as exc:
             logger.exception("generation failed mid-stream", extra={"request_id": generation.request_id})
             outcome = "server_error"
-            yield sse_event(internal_error().to_dict())
+            yield sse_event(mid_stream_error(exc).to_dict())
             yield SSE_DONE
         finally:
             with anyio.CancelScope(shield=True):
