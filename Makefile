@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 CLEAVE := $(VENV)/bin/cleave
 HOST ?= 127.0.0.1
 PORT ?= 8000
-MODEL ?= smollm2-135m-instruct
+MODEL ?= smollm2-moe
+UP_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install install-test model up down status test bench clean
@@ -20,7 +21,7 @@ model: install
 	@$(CLEAVE) model build $(MODEL)
 
 up: install
-	@$(CLEAVE) up --model $(MODEL) --host $(HOST) --port $(PORT)
+	@$(CLEAVE) up --model $(MODEL) --host $(HOST) --port $(PORT) $(UP_ARGS)
 
 down:
 	@if [ -x $(CLEAVE) ]; then $(CLEAVE) down; else echo "cleave is not installed; nothing to stop"; fi

@@ -6,108 +6,17 @@ reused prefix, and across a decode worker killed mid-stream."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
-from cleave.launcher import Supervisor, is_alive, wait_until
+from cleave.launcher import wait_until
+from local_platform import MAX_TOKENS, Platform, grpc_generate
 from reference import assert_greedy_equal, load_hf, mixed_prompts
 
 WORKER_FLAGS = ["--num-kv-blocks", "256", "--max-model-len", "512", "--block-size", "16"]
-MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_range(width: int = 40) -> int:
-    """A base port with ``width`` free ports above it, below the ephemeral range."""
-    for base in range(20000 + (os.getpid() % 50) * 200, 32000, 100):
-        if all(_bindable(base + i) for i in range(width)):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-class Platform:
-    """One `cleave up` with its own CLEAVE_HOME and ports."""
-
-    def __init__(self, home: Path, model: Path, *flags: str) -> None:
-        self.home = home
-        self.model = model
-        self.port, self.grpc_port, self.redis_port = free_port(), free_port(), free_port()
-        self.flags = [
-            "--model", str(model), "--served-model-name", "tiny", "--port", str(self.port),
-            "--grpc-port", str(self.grpc_port), "--redis-port", str(self.redis_port),
-            "--worker-base-port", str(free_range()), "--metrics-base-port", str(free_range() + 2000),
-            "--timeout", "240", *flags, *WORKER_FLAGS,
-        ]
-        self.env = {**os.environ, "CLEAVE_HOME": str(home)}
-        self.base_url = f"http://127.0.0.1:{self.port}"
-
-    def cleave(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cleave.cli", *argv], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def up(self) -> None:
-        result = self.cleave("up", *self.flags)
-        assert result.returncode == 0, f"cleave up failed:\n{result.stdout}\n{result.stderr}\n{self.logs()}"
-
-    def down(self) -> None:
-        self.cleave("down", "--timeout", "20", timeout=120)
-
-    def logs(self) -> str:
-        run = self.home / "run"
-        return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
-                         for p in sorted(run.glob("*.log"))) if run.is_dir() else ""
-
-    def supervisor(self) -> Supervisor:
-        return Supervisor(self.home / "run")
-
-    def kill(self, name: str) -> None:
-        state = self.supervisor().state(name)
-        os.kill(state.pid, signal.SIGKILL)
-        assert wait_until(lambda: not is_alive(state.pid), 10)
-
-    def admin(self) -> dict:
-        with urllib.request.urlopen(f"{self.base_url}/admin/instances", timeout=5) as response:
-            return json.loads(response.read())
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.base_url}/metrics").text
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
-                   or line.startswith(name + "{"))
-
-    def complete(self, prompt: list[int], max_tokens: int = MAX_TOKENS, **extra) -> httpx.Response:
-        body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                **extra}
-        return httpx.post(f"{self.base_url}/v1/completions", json=body, timeout=120)
-
-
-def tokens_of(response: httpx.Response) -> list[int]:
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["token_ids"]
-
 
 @pytest.fixture(scope="module", params=["llama", "mixtral"])
 def platform(request, tiny_models, tmp_path_factory):
@@ -116,7 +25,7 @@ def platform(request, tiny_models, tmp_path_factory):
     if family == "mixtral":
         # Three replicas in two groups: replica 2 is a spare of replica 0's experts.
         flags += ["--expert-replicas", "3", "--expert-groups", "2"]
-    p = Platform(tmp_path_factory.mktemp(f"platform-{family}"), tiny_models[family], *flags)
+    p = Platform(tmp_path_factory.mktemp(f"platform-{family}"), tiny_models[family], *flags, *WORKER_FLAGS)
     p.family = family
     try:
         p.up()
@@ -133,26 +42,6 @@ def hf_model(platform):
 @pytest.fixture(scope="module")
 def vocab_size(platform) -> int:
     return json.loads((platform.model / "config.json").read_text())["vocab_size"]
-
-
-def grpc_generate(platform: Platform, prompt: list[int], max_tokens: int = MAX_TOKENS, on_item=None, **params):
-    """Greedy tokens of one request through the router's public gRPC Generate, plus the
-    call's initial metadata."""
-    from cleave.protogen.cleave.v1 import common_pb2, generate_pb2, generate_pb2_grpc
-
-    request = generate_pb2.GenerateRequest(
-        model="tiny", prompt_token_ids=generate_pb2.TokenIds(ids=prompt),
-        params=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **params),
-    )
-    with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
-        call = generate_pb2_grpc.GenerateStub(channel).Generate(request, timeout=120)
-        tokens, last = [], None
-        for item in call:
-            tokens.extend(item.token_ids)
-            last = item
-            if on_item is not None:
-                on_item(item, call)
-        return tokens, last, dict(call.initial_metadata())
 
 
 # -- exactness -------------------------------------------------------------------------------
@@ -238,7 +127,12 @@ def test_status_and_admin_list_every_instance_by_role(platform):
     assert [i["instance_id"] for i in roles["decode"]] == ["decode-0", "decode-1"]
     assert [i["instance_id"] for i in roles["kvstore"]] == ["kvstore-0"]
     assert [i["instance_id"] for i in roles["router"]] == ["router-0"]
-    assert all(i["health"] == "SERVING" for role in ("prefill", "decode", "kvstore") for i in roles[role])
+
+    def all_serving() -> bool:
+        roles = platform.admin()["roles"]
+        return all(i["health"] == "SERVING" for role in ("prefill", "decode", "kvstore") for i in roles[role])
+
+    assert wait_until(all_serving, 15), platform.admin()
     assert all("num_free_kv_blocks" in i["load"] for i in roles["decode"])
     status = platform.cleave("status", timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr

@@ -1,40 +1,31 @@
-"""The README's first steps on the default model: `cleave up` (what `make up` runs),
-then the official `openai` client streams a chat completion from SmolLM2."""
+"""The README's first steps, on the default platform: `cleave up` (what `make up` runs)
+starts Redis, the KV store, two expert replicas, a prefill and two decode workers and the
+router, serving the SmolLM2-derived MoE model; then the official `openai` client streams
+a chat completion and a plain grpcio client calls the public Generate."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
+import grpc
 import openai
 
+from local_platform import Platform
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+QUESTION = "What is the capital of France? Answer in one word."
 
 
-def test_up_then_openai_streams_chat_from_smollm2(smollm2_dir, tmp_path):
-    env = {**os.environ, "CLEAVE_HOME": str(tmp_path / "home")}
-    port = _free_port()
-
-    def cleave(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cleave.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=240)
-
+def test_up_then_openai_and_grpc_clients_talk_to_the_moe_platform(tmp_path):
+    # The zoo name, as `make up` passes it: the model is built into CLEAVE_HOME on first use
+    # (conftest's smollm2_moe_dir has built it into the shared cache already when present).
+    platform = Platform(tmp_path / "home", "smollm2-moe", served_model_name="smollm2-moe")
     try:
-        up = cleave("up", "--model", str(smollm2_dir), "--served-model-name", "smollm2-135m-instruct",
-                    "--port", str(port), "--timeout", "180")
-        assert up.returncode == 0, up.stderr
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        platform.up()
+        roles = platform.admin()["roles"]
+        assert {role: len(roles.get(role, [])) for role in ("prefill", "decode", "kvstore", "expert", "router")} == {
+            "prefill": 1, "decode": 2, "kvstore": 1, "expert": 2, "router": 1}
+
+        client = openai.OpenAI(base_url=f"{platform.base_url}/v1", api_key="unused")
         stream = client.chat.completions.create(
-            model="smollm2-135m-instruct",
-            messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-            max_tokens=16,
-            temperature=0,
+            model="smollm2-moe", messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0,
             stream=True,
         )
         chunks = list(stream)
@@ -42,6 +33,22 @@ def test_up_then_openai_streams_chat_from_smollm2(smollm2_dir, tmp_path):
         assert "Paris" in text, text
         assert chunks[0].choices[0].delta.role == "assistant"
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+        # A plain grpcio client of cleave.v1.Generate, as docs/api.md shows it.
+        from cleave.protogen.cleave.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+
+        request = generate_pb2.GenerateRequest(
+            model="smollm2-moe",
+            messages=generate_pb2.ChatMessages(messages=[generate_pb2.ChatMessage(role="user", content=QUESTION)]),
+            params=common_pb2.SamplingParams(temperature=0, max_tokens=16),
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+            items = list(generate_pb2_grpc.GenerateStub(channel).Generate(request, timeout=120))
+        assert "".join(item.text for item in items) == text
+        assert items[-1].finish_reason == common_pb2.FINISH_REASON_STOP or items[-1].usage.completion_tokens == 16
+        # The expert replicas did the MoE layers' work.
+        experts = platform.admin()["roles"]["expert"]
+        assert all(e["load"].get("num_calls", 0) > 0 for e in experts), experts
     finally:
-        down = cleave("down")
-    assert down.returncode == 0, down.stderr
+        platform.down()
+    assert "not running" in platform.cleave("status").stdout

@@ -471,7 +471,7 @@ def fetch_json(url: str, timeout: float = 3.0) -> dict | None:
 
 def format_load(load: dict) -> str:
     keys = ("num_running", "num_waiting", "num_free_kv_blocks", "num_queued_prompt_tokens", "num_blocks",
-            "used_bytes", "num_calls")
+            "num_bytes", "num_in_flight", "num_calls", "num_tokens")
     shown = [f"{k.removeprefix('num_')}={load[k]:g}" for k in keys if isinstance(load.get(k), (int, float))]
     return " ".join(shown) or "-"
 

@@ -88,6 +88,9 @@ class ExpertServicer(pb_grpc.ExpertServicer):
     def __init__(self, experts: HeldExperts, metrics: ExpertMetrics) -> None:
         self.experts = experts
         self.metrics = metrics
+        # The registry record's load, published with each heartbeat (not per call: a
+        # forward pass makes one call per MoE layer).
+        self.load = {"num_in_flight": 0, "num_calls": 0, "num_tokens": 0}
 
     async def RunExperts(self, request: pb.RunExpertsRequest, context: grpc.aio.ServicerContext) -> pb.RunExpertsResponse:
         started = time.perf_counter()
@@ -97,7 +100,14 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             self.metrics.rejected.labels(code=grpc.StatusCode.INVALID_ARGUMENT.name).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         # Off the event loop, so health checks and other calls are answered meanwhile.
-        rows, indices, ran = await asyncio.to_thread(run_experts, self.experts, request.layer, hidden, ids, weights, held)
+        self.load["num_in_flight"] += 1
+        try:
+            rows, indices, ran = await asyncio.to_thread(
+                run_experts, self.experts, request.layer, hidden, ids, weights, held)
+        finally:
+            self.load["num_in_flight"] -= 1
+        self.load["num_calls"] += 1
+        self.load["num_tokens"] += hidden.shape[0]
         if ran:
             counts = torch.bincount(ids.flatten(), minlength=self.experts.config.num_experts).tolist()
             for expert in ran:
@@ -151,12 +161,14 @@ class ExpertServer:
             config.host, config.port, [SERVICE_NAME], drain_grace=config.drain_grace_seconds,
             advertise=config.advertise_address,
         )
-        pb_grpc.add_ExpertServicer_to_server(ExpertServicer(self.experts, self.metrics), self.grpc.server)
+        servicer = ExpertServicer(self.experts, self.metrics)
+        pb_grpc.add_ExpertServicer_to_server(servicer, self.grpc.server)
         if config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
         await self.grpc.start()
         if config.redis_url:
-            record = InstanceRecord(ROLE, config.instance_id, self.grpc.address, capabilities=self.capabilities())
+            record = InstanceRecord(ROLE, config.instance_id, self.grpc.address, capabilities=self.capabilities(),
+                                    load=servicer.load)
             registry = AsyncRegistry.from_url(config.redis_url)
             self.registration = await self.grpc.register(registry, record, config.registry_ttl_seconds)
             self.grpc.after_stop(registry.close)

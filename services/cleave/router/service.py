@@ -132,6 +132,7 @@ def build_app(config: RouterConfig, model_path: Path):
             "decode_routing": config.decode_routing,
         })
         await grpc_server.register(AsyncRegistry(redis_client), record, config.registry_ttl_seconds)
+        await pool.refresh()  # list ourselves from the first /admin/instances on
         try:
             yield
         finally:

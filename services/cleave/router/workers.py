@@ -29,6 +29,7 @@ log = logging.getLogger("cleave.router")
 ROLES = ("prefill", "decode", "kvstore", "expert", "router")
 HEALTH_SERVING = "SERVING"
 HEALTH_UNKNOWN = "UNKNOWN"
+UNREACHABLE_AFTER_MISSES = 2
 
 
 class WorkerPool:
@@ -39,7 +40,7 @@ class WorkerPool:
         *,
         refresh_seconds: float = 0.5,
         health_seconds: float = 2.0,
-        health_timeout: float = 1.0,
+        health_timeout: float = 2.0,
     ) -> None:
         self.redis = redis_client
         self.registry = AsyncRegistry(redis_client)
@@ -49,6 +50,7 @@ class WorkerPool:
         self.health_timeout = health_timeout
         self.records: dict[str, list[InstanceRecord]] = {role: [] for role in ROLES}
         self.health: dict[str, str] = {}
+        self._misses: dict[str, int] = {}
         self.in_flight: Counter[str] = Counter()
         self.in_flight_tokens: Counter[str] = Counter()
         self.refreshed_at = 0.0
@@ -93,7 +95,18 @@ class WorkerPool:
     async def check_health(self) -> None:
         records = [r for role in ("prefill", "decode", "kvstore", "expert") for r in self.records.get(role, [])]
         results = await asyncio.gather(*(self._check(r) for r in records))
-        self.health = {r.instance_id: status for r, status in zip(records, results)}
+        misses = {}
+        for record, status in zip(records, results):
+            if status.startswith("UNREACHABLE"):
+                # One missed check on a busy machine is not an outage; two in a row is.
+                misses[record.instance_id] = self._misses.get(record.instance_id, 0) + 1
+                if misses[record.instance_id] < UNREACHABLE_AFTER_MISSES:
+                    status = self.health.get(record.instance_id, HEALTH_SERVING)
+            self.health[record.instance_id] = status
+        self._misses = misses
+        live = {r.instance_id for r in records}
+        for instance_id in [i for i in self.health if i not in live]:
+            del self.health[instance_id]
 
     async def _check(self, record: InstanceRecord) -> str:
         stub = health_pb2_grpc.HealthStub(self.channel(record.address))
