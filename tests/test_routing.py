@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -119,3 +122,35 @@ def test_describe_names_the_plugins():
         "scorers": {"kv-aware": 2.0, "least-loaded": 1.0},
         "picker": "best",
     }
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cleave.cli", *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["router", "--prefill-routing", "fastest"], "prefill_routing: unknown routing scorer 'fastest'"),
+        (["router", "--decode-routing", "round-robin,kv-aware"], "decode_routing: round-robin takes no scorers"),
+        (["router", "--redis-url", ""], "redis_url is required"),
+        (["router", "--max-attempts", "0"], "max_attempts must be >= 1"),
+        (["router", "--grpc-port", "70000"], "grpc_port must be in [0, 65535]"),
+        (["up", "--decode-workers", "0"], "--decode-workers must be >= 1"),
+        (["up", "--expert-replicas", "2", "--expert-groups", "3"], "--expert-groups must be <= --expert-replicas"),
+        (["up", "--worker-base-port", "80"], "--worker-base-port must be in"),
+    ],
+)
+def test_bad_router_and_platform_flags_are_usage_errors(argv, message):
+    result = cli(*argv)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_router_without_redis_says_so(tiny_models):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+    result = cli("router", "--model", str(tiny_models["llama"]), "--redis-url", f"redis://127.0.0.1:{port}/0", "--port", "0")
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr
