@@ -13,10 +13,10 @@ from local_platform import Platform
 QUESTION = "What is the capital of France? Answer in one word."
 
 
-def test_up_then_openai_and_grpc_clients_talk_to_the_moe_platform(tmp_path):
-    # The zoo name, as `make up` passes it: the model is built into CLEAVE_HOME on first use
-    # (conftest's smollm2_moe_dir has built it into the shared cache already when present).
-    platform = Platform(tmp_path / "home", "smollm2-moe", served_model_name="smollm2-moe")
+def test_up_then_openai_and_grpc_clients_talk_to_the_moe_platform(smollm2_moe_dir, tmp_path):
+    # The model folder the zoo built (`make up` passes the name, which resolves to it), so
+    # that the run's own CLEAVE_HOME does not build a second copy.
+    platform = Platform(tmp_path / "home", smollm2_moe_dir, served_model_name="smollm2-moe")
     try:
         platform.up()
         roles = platform.admin()["roles"]
