@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.metrics_http import MetricsHTTPServer
-from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistration, AsyncRegistry, InstanceRecord
+from cleave.common.registry import CLIENT_OPTIONS, DEFAULT_REDIS_URL, AsyncRegistration, AsyncRegistry, InstanceRecord
 from cleave.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from cleave.engine.config import EngineConfig
 from cleave.engine.kv_transfer import KVBlock
@@ -41,7 +41,6 @@ from cleave.protogen.cleave.v1 import common_pb2
 
 log = logging.getLogger("cleave.kv_handoff")
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,

@@ -38,6 +38,8 @@ log = logging.getLogger("cleave.registry")
 PREFIX = "cleave:"
 ROLES_KEY = PREFIX + "roles"
 DEFAULT_TTL_SECONDS = 5.0
+# infra/scripts/redis.sh and `cleave up` start Redis here.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
 # A hung Redis must not hang a heartbeat (and so a drain) forever.
 CLIENT_OPTIONS = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 

@@ -7,9 +7,10 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from cleave.common.registry import DEFAULT_REDIS_URL
+
 DEFAULT_PORT = 50090
 DEFAULT_METRICS_PORT = 9490
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"  # infra/scripts/redis.sh's default port
 
 
 @dataclass(slots=True)

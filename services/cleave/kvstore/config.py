@@ -9,10 +9,10 @@ import socket
 from dataclasses import dataclass, field
 
 from cleave.common.grpc_server import MAX_MESSAGE_BYTES
+from cleave.common.registry import DEFAULT_REDIS_URL
 
 DEFAULT_PORT = 50060
 DEFAULT_METRICS_PORT = 9460
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"  # infra/scripts/redis.sh's default port
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from cleave.common import config as typed_config
 from cleave.common import logging as cleave_logging
-from cleave.common.kv_handoff import DEFAULT_REDIS_URL
+from cleave.common.registry import DEFAULT_REDIS_URL
 from cleave.modelzoo.registry import DEFAULT_MODEL
 from cleave.router.plugins import parse_pipeline
 
