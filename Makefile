@@ -8,8 +8,9 @@ PORT ?= 8000
 MODEL ?= smollm2-moe
 UP_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install install-test model up down status test bench clean
+.PHONY: install install-test model up down status test bench bench-disagg clean
 
 install:
 	@bash infra/scripts/install.sh
@@ -34,6 +35,9 @@ test: install-test
 
 bench: install-test
 	@$(PY) bench/engine_throughput.py
+
+bench-disagg: install-test
+	@$(PY) bench/disagg.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
