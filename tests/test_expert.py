@@ -5,6 +5,7 @@ another holding the same experts, and bad calls get INVALID_ARGUMENT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -47,8 +48,13 @@ class ThreadReplica:
         self.thread.start()
         config = ExpertConfig(model=str(model), experts=experts, port=0, metrics_port=0, redis_url=redis_url,
                               instance_id=instance_id or f"expert-test-{id(self)}", drain_grace_seconds=0)
-        self.server = ExpertServer(config)
-        self._run(self.server.start())
+        self.server: ExpertServer | None = None
+        try:
+            self.server = ExpertServer(config)
+            self._run(self.server.start())
+        except BaseException:
+            self.stop()
+            raise
         self.address = self.server.address
         self.replica = Replica(self.address, self.server.experts.pairs, config.instance_id)
 
@@ -61,22 +67,24 @@ class ThreadReplica:
 
     def stop(self) -> None:
         if self.loop.is_running():
-            self._run(self.server.drain(0))
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
+            try:
+                if self.server is not None and self.server.grpc is not None:
+                    self._run(self.server.drain(0))
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join(10)
 
 
 @pytest.fixture
 def replicas():
-    started: list[ThreadReplica] = []
+    with contextlib.ExitStack() as stack:  # every replica stops, even when another's stop fails
 
-    def start(model, experts: str, **kwargs) -> ThreadReplica:
-        started.append(ThreadReplica(model, experts, **kwargs))
-        return started[-1]
+        def start(model, experts: str, **kwargs) -> ThreadReplica:
+            replica = ThreadReplica(model, experts, **kwargs)
+            stack.callback(replica.stop)
+            return replica
 
-    yield start
-    for replica in started:
-        replica.stop()
+        yield start
 
 
 @pytest.fixture(scope="module", params=MOE_FAMILIES)

@@ -48,11 +48,12 @@ async def running_store(redis_url: str = "", backend=None, **overrides):
     overrides.setdefault("instance_id", f"kvs-{os.getpid()}-{next(_ids)}")
     config = KVStoreConfig(port=0, metrics_port=0, redis_url=redis_url, drain_grace_seconds=1, **overrides)
     server = KVStoreServer(config, backend)
-    await server.start()
     try:
+        await server.start()
         yield server
     finally:
-        await server.drain(0)
+        if server.grpc is not None:  # made first in start(): drain what started, even halfway
+            await server.drain(0)
 
 
 def run(coro):

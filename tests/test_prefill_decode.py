@@ -6,6 +6,7 @@ seeded sampling, failover mid-stream, clear errors for bad input."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 import grpc
 import httpx
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -66,8 +66,8 @@ class Cluster:
         common = dict(port=0, metrics_port=0, redis_url=self.redis_url, drain_grace_seconds=1)
         for i in range(2):
             store = KVStoreServer(KVStoreConfig(instance_id=f"kvs{i}-{tag}", **common))
+            self.stores.append(store)  # before start(): stop() drains what started halfway
             self.call(store.start())
-            self.stores.append(store)
         for cls, config_cls, role, count, pool in (
             (PrefillServer, PrefillConfig, "prefill", 2, self.prefill),
             (DecodeServer, DecodeConfig, "decode", 3, self.decode),
@@ -76,8 +76,8 @@ class Cluster:
                 config = config_cls(model=self.model_dir, instance_id=f"{role}{i}-{tag}",
                                     load_report_seconds=0.1, **ENGINE, **common)
                 server = self.call(_make(cls, config))
-                self.call(server.start())
                 pool.append(server)
+                self.call(server.start())
 
     def prefill_stub(self, i: int) -> prefill_pb2_grpc.PrefillStub:
         channel = grpc.insecure_channel(self.prefill[i].address)
@@ -90,12 +90,14 @@ class Cluster:
         return decode_pb2_grpc.DecodeStub(channel)
 
     def stop(self) -> None:
-        for channel in self.channels:
-            channel.close()
-        for server in [*self.prefill, *self.decode, *self.stores]:
-            if server.grpc is not None:
-                self.call(server.drain(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        """Close and drain whatever started, in that order, even when one step fails."""
+        with contextlib.ExitStack() as stack:  # callbacks run last-in first-out
+            stack.callback(self.loop.call_soon_threadsafe, self.loop.stop)
+            for server in reversed([*self.prefill, *self.decode, *self.stores]):
+                if server.grpc is not None:
+                    stack.callback(lambda server=server: self.call(server.drain(0)))
+            for channel in self.channels:
+                stack.callback(channel.close)
 
 
 async def _make(cls, config):
@@ -104,13 +106,14 @@ async def _make(cls, config):
 
 
 @pytest.fixture(scope="module", params=["llama", "mixtral"])
-def cluster(request, tiny_models, redis_server):
-    with redis.Redis.from_url(redis_server) as client:
-        client.flushdb()
-    cluster = Cluster(str(tiny_models[request.param]), redis_server)
-    cluster.start()
-    yield cluster
-    cluster.stop()
+def cluster(request, tiny_models, redis_databases):
+    with redis_databases.lease() as redis_url:  # a database per model: none of the other's records
+        cluster = Cluster(str(tiny_models[request.param]), redis_url)
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 @pytest.fixture(scope="module")
