@@ -10,6 +10,7 @@ finish, the record is removed."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -166,7 +167,16 @@ def serve(config: RouterConfig, model_path: Path) -> int:
                   extra={"redis_url": config.redis_url, "error": str(exc)})
         return 1
     app = build_app(config, model_path)
-    server = uvicorn.Server(uvicorn.Config(
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # SIGTERM: deregister and stop taking gRPC calls as HTTP stops taking requests;
+            # in-flight work of both finishes within the grace.
+            if (grpc_server := app.state.grpc.get("grpc")) is not None:
+                asyncio.ensure_future(grpc_server.drain())
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=config.timeout_graceful_shutdown,
     ))
