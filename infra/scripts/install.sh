@@ -20,6 +20,7 @@ fi
 
 # Debian packages the platform runs (each script is a no-op when already installed).
 bash infra/scripts/redis.sh install
+bash infra/scripts/prometheus.sh install
 
 stamp="$VENV/.cleave-installed${extras:+-test}"
 want="$(cat pyproject.toml infra/scripts/install.sh | sha256sum | cut -d' ' -f1)"
