@@ -98,6 +98,7 @@ def build_app(config: RouterConfig, model_path: Path):
 
     from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistry, InstanceRecord
     from cleave.models.tokenizer import Tokenizer
+    from cleave.router.admin import add_prometheus_targets_route
     from cleave.router.app import create_app
     from cleave.router.grpc_api import start_grpc
     from cleave.router.metrics import RouterMetrics
@@ -152,6 +153,7 @@ def build_app(config: RouterConfig, model_path: Path):
             **pool.snapshot(),
         }
 
+    add_prometheus_targets_route(app, pool)
     return app
 
 
