@@ -23,6 +23,7 @@ import grpc
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cleave.common.engine_metrics import EngineStatsCollector
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.metrics_http import MetricsHTTPServer
 from cleave.common.registry import CLIENT_OPTIONS, DEFAULT_REDIS_URL, AsyncRegistration, AsyncRegistry, InstanceRecord
@@ -359,6 +360,7 @@ class WorkerMetrics(MetricsHTTPServer):
             ("kv_pool_blocks", "KV blocks of the engine's pool", "num_kv_blocks"),
         ):
             Gauge(p + name, doc, registry=r).set_function(lambda key=key: engine.stats().get(key, 0))
+        r.register(EngineStatsCollector(p, engine.stats))
 
     def count_transfer(self, direction: str, stats: TransferStats) -> None:
         self.kv_blocks.labels(direction=direction).inc(stats.num_blocks)

@@ -73,6 +73,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, dtype)
         self.sequences: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
+        # Cumulative, for metrics: mean batch size = scheduled sequences / steps.
+        self.num_steps = self.num_scheduled_seqs = self.num_scheduled_tokens = 0
         log.info("engine ready", extra={"model": config.model, "kv_blocks": num_blocks, "block_size": config.block_size})
 
     # -- requests ---------------------------------------------------------------------
@@ -130,6 +132,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.num_steps += 1
+        self.num_scheduled_seqs += len(batch)
+        self.num_scheduled_tokens += sum(item.num_new_tokens for item in batch)
         sampled = self.runner.run(batch)
         outputs: list[RequestOutput] = []
         for item in batch:
@@ -224,4 +229,7 @@ class LLMEngine:
             "prefix_cache_queries": bm.num_cache_queries,
             "prefix_cache_hits": bm.num_cache_hits,
             "num_generated_tokens": self.num_generated_tokens,
+            "num_steps": self.num_steps,
+            "num_scheduled_seqs": self.num_scheduled_seqs,
+            "num_scheduled_tokens": self.num_scheduled_tokens,
         }

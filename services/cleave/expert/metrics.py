@@ -23,6 +23,10 @@ class ExpertMetrics(MetricsHTTPServer):
         self.request_seconds = Histogram(
             "cleave_expert_request_seconds", "Duration of RunExperts calls", buckets=_SECONDS_BUCKETS, registry=r
         )
+        self.layer_seconds = Histogram(
+            "cleave_expert_layer_seconds", "Duration of RunExperts calls, by MoE layer", ["layer"],
+            buckets=_SECONDS_BUCKETS, registry=r,
+        )
         self.rejected = Counter(
             "cleave_expert_rejected_requests", "Calls refused, by gRPC status code", ["code"], registry=r
         )

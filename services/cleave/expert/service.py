@@ -112,7 +112,9 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             counts = torch.bincount(ids.flatten(), minlength=self.experts.config.num_experts).tolist()
             for expert in ran:
                 self.metrics.tokens.labels(layer=str(request.layer), expert=str(expert)).inc(counts[expert])
-        self.metrics.request_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.request_seconds.observe(elapsed)
+        self.metrics.layer_seconds.labels(layer=str(request.layer)).observe(elapsed)
         return pb.RunExpertsResponse(slot_outputs=to_proto(rows), slot_indices=indices.tolist(), expert_ids=ran)
 
 

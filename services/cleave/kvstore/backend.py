@@ -42,6 +42,8 @@ class StorageBackend(abc.ABC):
     supports_pin: bool = False
     #: Blocks survive a restart of the process.
     is_persistent: bool = False
+    #: The tier's name in metric labels.
+    tier: str = "memory"
 
     @abc.abstractmethod
     def contains(self, block_hash: int) -> bool:

@@ -18,8 +18,13 @@ class KVStoreMetrics(MetricsHTTPServer):
         super().__init__(CollectorRegistry(), "kvstore-metrics")
         labels = {"instance_id": instance_id}
         r = self.registry
-        self.hits = Counter("cleave_kvstore_hits", "Blocks found, by operation (get, contains)", ["op"], registry=r)
-        self.misses = Counter("cleave_kvstore_misses", "Blocks not found, by operation (get, contains)", ["op"], registry=r)
+        self.tier = backend.tier
+        self.hits = Counter(
+            "cleave_kvstore_hits", "Blocks found, by operation (get, contains) and tier", ["op", "tier"], registry=r
+        )
+        self.misses = Counter(
+            "cleave_kvstore_misses", "Blocks not found, by operation (get, contains) and tier", ["op", "tier"], registry=r
+        )
         self.evictions = Counter("cleave_kvstore_evictions", "Blocks evicted to make room", registry=r)
         self.transfer_bytes = Counter(
             "cleave_kvstore_transfer_bytes", "Block bytes received (in) and sent (out)", ["direction"], registry=r

@@ -172,10 +172,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def _count(self, hit: bool, op: str) -> None:
         if hit:
             self.num_hits += 1
-            self.metrics.hits.labels(op=op).inc()
+            self.metrics.hits.labels(op=op, tier=self.metrics.tier).inc()
         else:
             self.num_misses += 1
-            self.metrics.misses.labels(op=op).inc()
+            self.metrics.misses.labels(op=op, tier=self.metrics.tier).inc()
 
 
 async def _enumerate(iterator: AsyncIterator) -> AsyncIterator:

@@ -71,6 +71,7 @@ class Generation:
     async def start(self) -> None:
         """Submit the request and wait for the engine's first output, so that a request
         the engine refuses fails as an HTTP error before any byte of the response."""
+        self.tracker.on_dispatch()
         self._outputs = self.engine.generate(self.request_id, self.prompt_token_ids, self.params)
         self.tracker.metrics.running.inc()
         self.tracker.metrics.prompt_tokens.inc(len(self.prompt_token_ids))

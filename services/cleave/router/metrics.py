@@ -9,9 +9,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 ENDPOINTS = ("completions", "chat_completions", "models", "health", "metrics", "grpc_generate")
 OUTCOMES = ("success", "client_error", "server_error", "cancelled")
+# Why a request was refused before generating: a 429 names its own reason in its error
+# code when it is one of these, else it is ``overloaded``.
+REJECTION_REASONS = ("slo", "overloaded", "no_worker", "engine_unavailable", "unavailable")
+ROLES = ("prefill", "decode")
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# The SLO targets of the alert rules (TTFT 2 s, TPOT 0.2 s) must be bucket boundaries.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30, 60, 120)
+_SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2.5, 5)
 
 
 def endpoint_label(path: str) -> str:
@@ -81,12 +87,41 @@ class RouterMetrics:
         self.resumed = Counter(
             "cleave_router_decode_resumes", "Requests resumed on another decode worker mid-stream", registry=r
         )
-        for role in ("prefill", "decode"):
+        self.queue_wait = Histogram(
+            "cleave_router_queue_wait_seconds", "From arrival to dispatch to the engine (admission, tokenizing)",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.rejections = Counter(
+            "cleave_router_rejections", "Requests refused before generating, by reason", ["reason"], registry=r
+        )
+        self.routing_score = Histogram(
+            "cleave_router_routing_score", "Weighted score in [0, 1] of the worker each routing decision chose",
+            ["role"], buckets=_SCORE_BUCKETS, registry=r,
+        )
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+        for role in ROLES:
             self.worker_failures.labels(role)
         # Every series exists from the start, so rates over a quiet label are 0, not absent.
         for endpoint in ENDPOINTS + ("other",):
             for outcome in OUTCOMES:
                 self.requests.labels(endpoint, outcome)
+
+    def observe_route(self, role: str, chosen, pipeline) -> None:
+        """Count one routing decision; its score too when the pipeline has scorers."""
+        self.routed.labels(role, chosen.instance_id).inc()
+        total_weight = sum(weight for _, weight in pipeline.scorers)
+        if total_weight > 0:
+            self.routing_score.labels(role).observe(min(max(chosen.score / total_weight, 0.0), 1.0))
+
+    def count_rejection(self, error):
+        """Count a refused request (429 or 503) by reason; returns ``error`` for ``raise``."""
+        if error.status_code == 429:
+            self.rejections.labels(error.code if error.code in REJECTION_REASONS else "overloaded").inc()
+        elif error.status_code == 503:
+            code = {"service_unavailable": "no_worker"}.get(error.code, error.code)
+            self.rejections.labels(code if code in REJECTION_REASONS else "unavailable").inc()
+        return error
 
     def track(self) -> "RequestTracker":
         return RequestTracker(self)
@@ -99,6 +134,9 @@ class RequestTracker:
         self.metrics = metrics
         self.arrival = time.perf_counter()
         self.last_token: float | None = None
+
+    def on_dispatch(self) -> None:
+        self.metrics.queue_wait.observe(time.perf_counter() - self.arrival)
 
     def on_tokens(self, num_tokens: int) -> None:
         if num_tokens <= 0:

@@ -103,7 +103,7 @@ class RemoteEngineClient:
             raise ServiceUnavailableError(
                 f"no {ctx.role} worker is available for model {self.pool.model!r}; try again later")
         if self.metrics is not None:
-            self.metrics.routed.labels(ctx.role, chosen.instance_id).inc()
+            self.metrics.observe_route(ctx.role, chosen, pipeline)
         return chosen
 
     async def _prefill(self, request_id: str, token_ids: list[int], params: SamplingParams):

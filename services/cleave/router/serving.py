@@ -167,13 +167,14 @@ class OpenAIServing:
         )
         try:
             await generation.start()
-        except APIError:
+        except APIError as exc:
+            self.metrics.count_rejection(exc)
             raise
         except ServiceUnavailableError as exc:
-            raise service_unavailable(exc) from None
+            raise self.metrics.count_rejection(service_unavailable(exc)) from None
         except Exception:
             if not engine_is_healthy(self.engine):
-                raise engine_unavailable() from None
+                raise self.metrics.count_rejection(engine_unavailable()) from None
             raise
         return generation
 
