@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from catalogue import ROOT, metric_names, series_names
+from cleave.router.metrics import RouterMetrics
 
 RULES_DIR = ROOT / "infra" / "prometheus" / "rules"
 RULES = RULES_DIR / "cleave.yml"
@@ -69,3 +70,11 @@ def test_rules_read_only_registered_metrics() -> None:
     for rule in rules():
         unknown = metric_names(rule["expr"]) - known
         assert not unknown, f"{rule.get('alert') or rule.get('record')} reads unregistered metrics {sorted(unknown)}"
+
+
+def test_slo_targets_are_bucket_boundaries() -> None:
+    registry = RouterMetrics().registry
+    targets = {match for rule in rules() for match in re.findall(r'(\w+_bucket)\{le="([^"]+)"\}', rule["expr"])}
+    assert targets, "the SLO rules read no histogram bucket"
+    for bucket, le in targets:
+        assert registry.get_sample_value(bucket, {"le": le}) is not None, f'{bucket}{{le="{le}"}} is no bucket boundary'
