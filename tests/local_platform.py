@@ -46,7 +46,8 @@ def _bindable(port: int) -> bool:
 class Platform:
     """One `cleave up` with its own CLEAVE_HOME and ports."""
 
-    def __init__(self, home: Path, model: Path | str, *flags: str, served_model_name: str = "tiny") -> None:
+    def __init__(self, home: Path, model: Path | str, *flags: str, served_model_name: str = "tiny",
+                 prometheus: bool = False) -> None:
         self.home = home
         self.model = model
         self.served_model_name = served_model_name
@@ -57,6 +58,10 @@ class Platform:
             "--worker-base-port", str(free_range()), "--metrics-base-port", str(free_range() + 2000),
             "--timeout", "240", *flags,
         ]
+        # Prometheus and Alertmanager only where a test asks for them.
+        self.prometheus_port = free_port() if prometheus else None
+        self.flags += (["--prometheus-port", str(self.prometheus_port), "--alertmanager-port", str(free_port())]
+                       if prometheus else ["--no-prometheus"])
         self.env = {**os.environ, "CLEAVE_HOME": str(home)}
         self.base_url = f"http://127.0.0.1:{self.port}"
 

@@ -356,9 +356,10 @@ def redis_server_binary() -> str:
 
 def platform_specs(args: argparse.Namespace, model_path: Path, extra: list[str]) -> list[list[ProcessSpec]]:
     """The processes of the embedded platform, in tiers of start order."""
-    if args.mode == "single":
-        return single_specs(args, model_path, extra)
-    return disaggregated_specs(args, model_path, extra)
+    from cleave.observability.prometheus import prometheus_tiers
+
+    specs = single_specs if args.mode == "single" else disaggregated_specs
+    return specs(args, model_path, extra) + prometheus_tiers(args)
 
 
 def ports_taken(tiers: list[list[ProcessSpec]], args: argparse.Namespace) -> list[str]:
@@ -418,17 +419,20 @@ def cmd_up(args: argparse.Namespace, extra: list[str]) -> int:
                     supervisor.stop(earlier)
                 return 1
             print(f"  {state.name} ready", file=sys.stderr, flush=True)
-    print_ready(started[-1])
+    print_ready(started)
     return 0
 
 
-def print_ready(state: ProcessState) -> None:
+def print_ready(started: list[ProcessState]) -> None:
+    state = next(s for s in started if s.name == "router")
     url, model = state.info["url"], state.info["model"]
     extra = ""
     if "grpc" in state.info:
         extra += f"\n  gRPC       {state.info['grpc']}  (cleave.v1.Generate/Generate, reflection on)"
     if "admin" in state.info:
         extra += f"\n  instances  {state.info['admin']}  (or: cleave status)"
+    if prometheus := next((s for s in started if s.name == "prometheus"), None):
+        extra += f"\n  Prometheus {prometheus.info['url']}  (config {prometheus.info['config']})"
     print(
         f"""cleave is up (model {model})
   REST API   {url}{extra}
@@ -547,6 +551,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             help="workers' /metrics ports, numbered as --worker-base-port")
         parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker process")
         parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+        parser.add_argument("--prometheus-port", type=int, default=9090, help="Prometheus on 127.0.0.1")
+        parser.add_argument("--alertmanager-port", type=int, default=9093, help="Alertmanager on 127.0.0.1")
+        parser.add_argument("--no-prometheus", action="store_true", help="start neither Prometheus nor Alertmanager")
     elif command == "down":
         parser.description = "Stop every process `cleave up` started."
         parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait before SIGKILL")

@@ -1,0 +1,1 @@
+"""Observability of the local platform: Prometheus and Alertmanager as `cleave up` runs them."""
