@@ -66,6 +66,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 if first:
                     metrics.cached_tokens.inc(output.num_cached_tokens)
                     first = False
+                if output.finished:
+                    outcome = "ok"  # the caller may close the call as soon as it has the last token
                 yield pb.DecodeResponse(
                     request_id=request.request_id,
                     token_ids=output.new_token_ids,
