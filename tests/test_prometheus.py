@@ -105,12 +105,13 @@ def test_rule_files_leave_promtool_tests_out(tmp_path):
 # -- a real Prometheus scraping the platform -----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def platform(tiny_models, tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "mixtral"])
+def platform(request, tiny_models, tmp_path_factory):
     for binary in ("prometheus", "prometheus-alertmanager"):
         require(binary)
-    p = Platform(tmp_path_factory.mktemp("platform-prometheus"), tiny_models["llama"], *WORKER_FLAGS,
-                 prometheus=True)
+    p = Platform(tmp_path_factory.mktemp(f"platform-prometheus-{request.param}"), tiny_models[request.param],
+                 *WORKER_FLAGS, prometheus=True)
+    p.expected_up = EXPECTED_UP | (EXPERTS_UP if request.param == "mixtral" else set())
     try:
         p.up()
         yield p
@@ -144,6 +145,7 @@ EXPECTED_UP = {
     ("cleave", "decode", "decode-1"), ("cleave", "kvstore", "kvstore-0"),
     ("prometheus", None, None), ("alertmanager", None, None),
 }
+EXPERTS_UP = {("cleave", "expert", "expert-0"), ("cleave", "expert", "expert-1")}
 
 
 def test_every_service_is_an_up_target(platform):
@@ -151,16 +153,16 @@ def test_every_service_is_an_up_target(platform):
         return {(r["metric"]["job"], r["metric"].get("role"), r["metric"].get("instance_id"))
                 for r in query(platform, "up == 1")}
 
-    poll(up_targets, EXPECTED_UP)
+    poll(up_targets, platform.expected_up)
     models = {r["metric"].get("model") for r in query(platform, 'up{job="cleave",role!="kvstore"}')}
     assert models == {platform.model.name}
     # The SD document the router serves is what Prometheus discovered.
     targets = httpx.get(f"{platform.base_url}/admin/prometheus-targets").json()
-    assert {g["labels"]["instance_id"] for g in targets} == {i for _, _, i in EXPECTED_UP if i}
+    assert {g["labels"]["instance_id"] for g in targets} == {i for _, _, i in platform.expected_up if i}
 
 
 def test_counters_answer_promql_with_the_requests_sent(platform):
-    poll(lambda: len(query(platform, 'up{job="cleave"} == 1')), 5)
+    poll(lambda: len(query(platform, 'up{job="cleave"} == 1')), len(platform.expected_up) - 2)
     vocab_size = json.loads((platform.model / "config.json").read_text())["vocab_size"]
     prompts = mixed_prompts(vocab_size, NUM_REQUESTS, seed=11, min_len=40, max_len=60)
     for prompt in prompts:
@@ -183,5 +185,7 @@ def test_counters_answer_promql_with_the_requests_sent(platform):
     poll(lambda: (scalar(platform, "sum(cleave_kvstore_blocks_put_total)") or 0) > 0, True)
     poll(lambda: (scalar(platform, 'sum(cleave_kvstore_transfer_bytes_total{direction="in"})') or 0) > 0, True)
     # A histogram quantile over the scraped buckets is a real latency.
+    if "expert" in {role for _, role, _ in platform.expected_up}:
+        poll(lambda: (scalar(platform, "sum(cleave_expert_tokens_total)") or 0) > 0, True)
     ttft = scalar(platform, "histogram_quantile(0.5, sum by (le) (cleave_router_time_to_first_token_seconds_bucket))")
     assert ttft is not None and 0 < ttft < 120
