@@ -6,6 +6,7 @@
 # configs into $CLEAVE_HOME/prometheus); nothing here starts a system-wide service.
 # Every command is idempotent.
 set -euo pipefail
+source "$(dirname "$0")/debian.sh"
 
 say() { echo "prometheus: $*" >&2; }
 
@@ -18,17 +19,7 @@ install() {
   if installed; then
     return 0
   fi
-  local sudo=""
-  if [[ "$(id -u)" != 0 ]]; then
-    command -v sudo >/dev/null || { say "prometheus is missing and installing it needs root or sudo"; exit 1; }
-    sudo="sudo"
-  fi
-  say "installing prometheus and prometheus-alertmanager from Debian"
-  $sudo apt-get update -qq
-  # RUNLEVEL=1: invoke-rc.d in the postinst then starts no system-wide daemons on
-  # 9090/9093; `cleave up` starts its own on loopback with its own configs.
-  $sudo env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
-    apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+  debian_install prometheus prometheus prometheus-alertmanager
 }
 
 status() {

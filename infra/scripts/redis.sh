@@ -6,6 +6,7 @@
 #   redis.sh status    exit 0 and "running" when PING answers, exit 3 otherwise
 # Every command is idempotent. Files live in $CLEAVE_HOME/redis (default ~/.cache/cleave/redis).
 set -euo pipefail
+source "$(dirname "$0")/debian.sh"
 
 PORT="${CLEAVE_REDIS_PORT:-6390}"
 HOME_DIR="${CLEAVE_HOME:-$HOME/.cache/cleave}"
@@ -28,17 +29,7 @@ install() {
   if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
     return 0
   fi
-  local sudo=""
-  if [[ "$(id -u)" != 0 ]]; then
-    command -v sudo >/dev/null || { say "redis-server is missing and installing it needs root or sudo"; exit 1; }
-    sudo="sudo"
-  fi
-  say "installing redis-server from Debian"
-  $sudo apt-get update -qq
-  # RUNLEVEL=1: invoke-rc.d in the postinst then refuses to start a system-wide
-  # redis on 6379; ours is started by `start` with our own settings.
-  $sudo env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
-    apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  debian_install redis redis-server
 }
 
 start() {
