@@ -461,7 +461,7 @@ def print_status(supervisor: Supervisor, states: list[ProcessState]) -> bool:
         healthy &= ready
         condition = "running" if ready else ("running, not ready" if alive else "dead")
         where = state.info.get("url", "")
-        print(f"  {state.name:<10} {condition:<18} pid {state.pid:<8} {where}")
+        print(f"  {state.name:<12} {condition:<18} pid {state.pid:<8} {where}")
     return healthy
 
 
