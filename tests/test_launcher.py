@@ -39,7 +39,8 @@ def test_up_status_down(cleave_cli, tiny_models, tmp_path):
     port = free_port()
     model = str(tiny_models["llama"])
     up = cleave_cli("up", "--mode", "single", "--model", model, "--served-model-name", "tiny", "--port", str(port),
-                    "--grpc-port", str(free_port()), "--timeout", "120", "--max-model-len", "256", "--kv-cache-memory-mb", "16")
+                    "--grpc-port", str(free_port()), "--timeout", "120", "--max-model-len", "256", "--kv-cache-memory-mb", "16",
+                    "--no-prometheus")
     assert up.returncode == 0, up.stderr
     base = f"http://127.0.0.1:{port}"
     for url in (f"{base}/v1", f"{base}/v1/models", f"{base}/metrics"):
