@@ -86,7 +86,8 @@ def test_up_status_down(cleave_cli, tiny_models, tmp_path):
 
 def test_up_reports_a_server_that_dies_during_startup(cleave_cli, tiny_models, tmp_path):
     up = cleave_cli("up", "--mode", "single", "--model", str(tiny_models["llama"]), "--port", str(free_port()),
-                    "--grpc-port", str(free_port()), "--timeout", "120", "--block-size", "3")
+                    "--grpc-port", str(free_port()), "--timeout", "120", "--block-size", "3",
+                    "--no-prometheus")
     assert up.returncode == 1
     assert "exited during startup" in up.stderr
     assert "block_size must be a power of two" in up.stderr  # the log tail says why

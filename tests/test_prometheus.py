@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
 import subprocess
 import time
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cleave.common.registry import InstanceRecord
+from cleave.launcher import StartupError
 from cleave.observability.prometheus import prometheus_tiers, rule_files
 from cleave.router.admin import add_prometheus_targets_route, prometheus_targets
 from local_platform import Platform, free_port
@@ -94,6 +96,17 @@ def test_generated_configs_pass_promtool_and_amtool(mode, tmp_path, monkeypatch)
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert prometheus_tiers(argparse.Namespace(no_prometheus=True)) == []
+
+
+def test_a_busy_prometheus_port_stops_cleave_up_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEAVE_HOME", str(tmp_path))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = argparse.Namespace(no_prometheus=False, prometheus_port=busy.getsockname()[1],
+                                  alertmanager_port=free_port(), host="127.0.0.1", port=8000, mode="disaggregated")
+        with pytest.raises(StartupError, match="already in use: --prometheus-port"):
+            prometheus_tiers(args)
 
 
 def test_rule_files_leave_promtool_tests_out(tmp_path):

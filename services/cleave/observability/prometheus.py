@@ -86,7 +86,8 @@ def prometheus_tiers(args: argparse.Namespace) -> list[list[ProcessSpec]]:
         return []
     for flag, port in (("--prometheus-port", args.prometheus_port), ("--alertmanager-port", args.alertmanager_port)):
         if port_in_use(LOOPBACK, port):
-            raise StartupError(f"{flag} {port} is in use; stop what holds it, pick another or pass --no-prometheus")
+            raise StartupError(f"port already in use: {flag} {port}; stop what holds it, pick another "
+                               "or pass --no-prometheus")
     home = cleave_home() / "prometheus"
     prometheus_address, alertmanager_address = f"{LOOPBACK}:{args.prometheus_port}", f"{LOOPBACK}:{args.alertmanager_port}"
     router = f"{client_host(args.host)}:{args.port}"
