@@ -21,6 +21,8 @@ fi
 # Debian packages the platform runs (each script is a no-op when already installed).
 bash infra/scripts/redis.sh install
 bash infra/scripts/prometheus.sh install
+# Tests only: headless Chromium renders the router's /dashboard.
+if [[ -n "$extras" ]]; then bash infra/scripts/chromium.sh install; fi
 
 stamp="$VENV/.cleave-installed${extras:+-test}"
 want="$(cat pyproject.toml infra/scripts/install.sh | sha256sum | cut -d' ' -f1)"

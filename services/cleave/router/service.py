@@ -54,13 +54,15 @@ class RouterConfig:
     health_check_seconds: float = field(default=2.0, metadata={"help": "how often every worker's gRPC health is checked"})
     registry_ttl_seconds: float = field(default=5.0, metadata={"help": "registration expiry without heartbeats"})
     timeout_graceful_shutdown: int = field(default=30, metadata={"help": "seconds in-flight requests get after SIGTERM"})
+    ttft_target_seconds: float = field(default=2.0, metadata={"help": "TTFT target of the SLO (docs/metrics.md), drawn on /dashboard"})
+    tpot_target_seconds: float = field(default=0.2, metadata={"help": "TPOT (inter-token gap) target of the SLO (docs/metrics.md), drawn on /dashboard"})
 
     def __post_init__(self) -> None:
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65535], not {getattr(self, name)}")
         for name in ("prefill_timeout_seconds", "decode_timeout_seconds", "refresh_seconds",
-                     "health_check_seconds", "registry_ttl_seconds"):
+                     "health_check_seconds", "registry_ttl_seconds", "ttft_target_seconds", "tpot_target_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
         for name in ("max_attempts", "prefix_cache_blocks"):
@@ -100,6 +102,7 @@ def build_app(config: RouterConfig, model_path: Path):
     from cleave.models.tokenizer import Tokenizer
     from cleave.router.admin import add_prometheus_targets_route
     from cleave.router.app import create_app
+    from cleave.router.dashboard import add_dashboard_routes
     from cleave.router.grpc_api import start_grpc
     from cleave.router.metrics import RouterMetrics
     from cleave.router.remote_engine import RemoteEngineClient, RemoteEngineConfig
@@ -154,6 +157,7 @@ def build_app(config: RouterConfig, model_path: Path):
         }
 
     add_prometheus_targets_route(app, pool)
+    add_dashboard_routes(app, pool, metrics, config)
     return app
 
 
