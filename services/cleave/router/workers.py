@@ -60,6 +60,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         await self.refresh()
+        await self.check_health()
         self._tasks = [
             asyncio.create_task(self._every(self.refresh_seconds, self.refresh), name="registry-refresh"),
             asyncio.create_task(self._every(self.health_seconds, self.check_health), name="health-checks"),
