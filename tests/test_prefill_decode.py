@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reference import assert_greedy_equal, load_hf, mixed_prompts
 
-from cleave.common.kv_handoff import params_to_proto
+from cleave.common.wire import params_to_proto
 from cleave.common.registry import Registry
 from cleave.decode.config import DecodeConfig
 from cleave.decode.service import DecodeServer

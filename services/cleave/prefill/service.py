@@ -9,7 +9,8 @@ import time
 
 import grpc
 
-from cleave.common.kv_handoff import FINISH_REASONS, WorkerServer, abort_engine_error, params_from_proto
+from cleave.common.kv_handoff import WorkerServer, abort_engine_error
+from cleave.common.wire import FINISH_REASONS, params_from_proto
 from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import common_pb2
 from cleave.protogen.cleave.v1 import prefill_pb2 as pb
