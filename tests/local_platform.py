@@ -62,6 +62,8 @@ class Platform:
         self.prometheus_port = free_port() if prometheus else None
         self.flags += (["--prometheus-port", str(self.prometheus_port), "--alertmanager-port", str(free_port())]
                        if prometheus else ["--no-prometheus"])
+        if "--kafka-port" not in flags:
+            self.flags.append("--no-events")  # a Kafka broker only where a test asks for one
         self.env = {**os.environ, "CLEAVE_HOME": str(home)}
         self.base_url = f"http://127.0.0.1:{self.port}"
 

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "decode": "cleave.decode.main",
     "kvstore": "cleave.kvstore.main",
     "expert": "cleave.expert.main",
+    "events": "cleave.events.consumer",
 }
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cleave.common.config import cleave_home
+from cleave.events.broker import add_broker
 from cleave.modelzoo.registry import DEFAULT_MODEL
 
 # What `cleave up` serves by default: an MoE model, so that every service has work.
@@ -342,7 +343,7 @@ def disaggregated_specs(args: argparse.Namespace, model_path: Path, extra: list[
     )
     info = {**router_info(args, base), "grpc": f"{host}:{args.grpc_port}", "admin": f"{base}/admin/instances"}
     tiers.append([ProcessSpec("router", router, health_url=f"{base}/health", info=info)])
-    return tiers
+    return add_broker(tiers, args)
 
 
 def redis_server_binary() -> str:
@@ -537,6 +538,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--port", type=int, default=8000, help="router HTTP port")
         parser.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port")
         parser.add_argument("--redis-port", type=int, default=6390, help="Redis port (started unless one answers)")
+        parser.add_argument("--kafka-port", type=int, default=9092,
+                            help="Kafka-protocol broker (Tansu) of the request events (started unless one answers)")
+        parser.add_argument("--no-events", action="store_true", help="no broker, no request-lifecycle events")
         parser.add_argument("--prefill-workers", type=int, default=1)
         parser.add_argument("--decode-workers", type=int, default=2)
         parser.add_argument("--expert-replicas", type=int, default=2, help="for an MoE model; 0 keeps experts local")

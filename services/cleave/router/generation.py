@@ -15,6 +15,7 @@ import anyio
 
 from cleave.engine.outputs import EngineClient, RequestOutput
 from cleave.engine.sampling_params import SamplingParams
+from cleave.events.lifecycle import events_of
 from cleave.router.errors import APIError
 from cleave.router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from cleave.router.metrics import RequestTracker
@@ -61,6 +62,7 @@ class Generation:
         self.detokenizer = IncrementalDetokenizer(decoder)
         self.stop = StopStringMatcher(stop)
         self.tracker = tracker
+        self.events = events_of(engine).request(request_id, tracker.arrival)
         self.usage = GenerationUsage(prompt_tokens=len(prompt_token_ids))
         self.finish_reason: str | None = None
         self._served_by: dict[str, str] = {}
@@ -73,10 +75,11 @@ class Generation:
         the engine refuses fails as an HTTP error before any byte of the response."""
         self.tracker.on_dispatch()
         self._outputs = self.engine.generate(self.request_id, self.prompt_token_ids, self.params)
+        self.events.admitted()
         self.tracker.metrics.running.inc()
         self.tracker.metrics.prompt_tokens.inc(len(self.prompt_token_ids))
         try:
-            self._first = await anext(self._outputs)
+            self._first = await self._next()
             self._served_by.update(self._first.served_by)
         except StopAsyncIteration:
             await self.close()
@@ -104,7 +107,7 @@ class Generation:
                 yield self._step(output)
                 if self.finish_reason is not None:
                     return
-                output = await anext(self._outputs)
+                output = await self._next()
         finally:
             await self.close()
 
@@ -123,7 +126,15 @@ class Generation:
         delta.finish_reason = self.finish_reason
         if delta.finish_reason is not None:
             self.tracker.on_finish(self.finish_reason)
+            self.events.finished(self.finish_reason, self.usage.prompt_tokens, self.usage.completion_tokens)
         return delta
+
+    async def _next(self) -> RequestOutput:
+        try:
+            return await anext(self._outputs)
+        except BaseException as exc:
+            self.events.failed(exc)
+            raise
 
     async def close(self) -> None:
         """Release the engine request: abort it unless it finished. Idempotent, and
@@ -141,6 +152,7 @@ class Generation:
                 logger.exception("aborting request failed", extra={"request_id": self.request_id})
             finally:
                 self.tracker.metrics.running.dec()
+                self.events.closed(self.usage.prompt_tokens, self.usage.completion_tokens)
 
     def _consume(self, token_ids: Sequence[int], logprobs: Sequence[float]) -> TextDelta:
         delta = TextDelta(text="")
@@ -154,6 +166,7 @@ class Generation:
                 self.finish_reason = "stop"
                 break
         self.tracker.on_tokens(len(delta.token_ids))
+        self.events.on_tokens(len(delta.token_ids))
         return delta
 
     def _finish_text(self) -> str:

@@ -130,8 +130,8 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             serving, api_request = self.to_api_request(request)
         except ValidationError as exc:
             raise validation_error(exc) from None
-        prompt_ids, max_tokens = serving.prepare(api_request)
         request_id = request.request_id or serving.new_request_id()
+        prompt_ids, max_tokens = serving.admit(api_request, request_id)
         return await serving.start(api_request, request_id, prompt_ids, max_tokens, logprobs=request.params.logprobs)
 
     def response(self, generation: Generation, delta: TextDelta, logprobs: bool) -> pb.GenerateResponse:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import AsyncGenerator
 
@@ -22,6 +23,7 @@ import grpc
 from cleave.common.kv_handoff import FAILURE_CAUSE_KEY, params_to_proto
 from cleave.engine.outputs import RequestOutput, ServiceUnavailableError
 from cleave.engine.sampling_params import SamplingParams
+from cleave.events.lifecycle import NO_EVENTS, RequestEvents
 from cleave.protogen.cleave.v1 import common_pb2
 from cleave.protogen.cleave.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from cleave.router.plugins import Candidate, Pipeline, RoutingContext
@@ -59,13 +61,14 @@ class RemoteEngineConfig:
 class RemoteEngineClient:
     def __init__(
         self, pool: WorkerPool, prefill: Pipeline, decode: Pipeline, config: RemoteEngineConfig | None = None,
-        metrics=None,
+        metrics=None, events: RequestEvents | None = None,
     ) -> None:
         self.pool = pool
         self.prefill_pipeline = prefill
         self.decode_pipeline = decode
         self.config = config or RemoteEngineConfig()
         self.metrics = metrics
+        self.events = events or NO_EVENTS  # the front end emits through it too (events.lifecycle.events_of)
         self._calls: dict[str, grpc.aio.Call] = {}
         self._aborted: dict[str, bool] = {}
         self._running = False
@@ -104,6 +107,7 @@ class RemoteEngineClient:
                 f"no {ctx.role} worker is available for model {self.pool.model!r}; try again later")
         if self.metrics is not None:
             self.metrics.observe_route(ctx.role, chosen, pipeline)
+        self.events.routed(ctx.request_id, ctx.role, chosen, pipeline)
         return chosen
 
     async def _prefill(self, request_id: str, token_ids: list[int], params: SamplingParams):
@@ -145,7 +149,10 @@ class RemoteEngineClient:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[RequestOutput, None]:
         prompt = list(prompt_token_ids)
+        prefill_started = time.perf_counter()
         prefill_worker, first = await self._prefill(request_id, prompt, params)
+        self.events.prefill_done(request_id, prefill_worker.instance_id, first.num_cached_tokens,
+                                 time.perf_counter() - prefill_started)
         served_by = {"prefill": prefill_worker.instance_id}
         generated = [first.first_token_id]
         logprobs = [first.logprob] if params.logprobs else []
@@ -206,6 +213,7 @@ class RemoteEngineClient:
                 decode_worker = await self._choose(self.decode_pipeline, ctx, failures)
                 served_by["decode"] = decode_worker.instance_id
                 resumed = True
+                self.events.resumed(request_id, worker.instance_id, decode_worker.instance_id, len(generated))
                 if self.metrics is not None:
                     self.metrics.resumed.inc()
                 log.info("resuming request on another decode worker",

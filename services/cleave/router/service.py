@@ -23,6 +23,7 @@ from typing import Sequence
 from cleave.common import config as typed_config
 from cleave.common import logging as cleave_logging
 from cleave.common.registry import DEFAULT_REDIS_URL
+from cleave.events.schema import DEFAULT_TOPIC
 from cleave.modelzoo.registry import DEFAULT_MODEL
 from cleave.router.plugins import parse_pipeline
 
@@ -56,6 +57,9 @@ class RouterConfig:
     timeout_graceful_shutdown: int = field(default=30, metadata={"help": "seconds in-flight requests get after SIGTERM"})
     ttft_target_seconds: float = field(default=2.0, metadata={"help": "TTFT target of the SLO (docs/metrics.md), drawn on /dashboard"})
     tpot_target_seconds: float = field(default=0.2, metadata={"help": "TPOT (inter-token gap) target of the SLO (docs/metrics.md), drawn on /dashboard"})
+    events_bootstrap: str = field(default="", metadata={"help": "Kafka bootstrap servers (host:port,...) for request-lifecycle events (docs/events.md); empty: no events"})
+    events_topic: str = field(default=DEFAULT_TOPIC, metadata={"help": "Kafka topic of the request-lifecycle events"})
+    events_buffer_size: int = field(default=10_000, metadata={"help": "events held while the broker is slow or away; beyond, they are dropped and counted"})
 
     def __post_init__(self) -> None:
         for name in ("port", "grpc_port"):
@@ -65,7 +69,7 @@ class RouterConfig:
                      "health_check_seconds", "registry_ttl_seconds", "ttft_target_seconds", "tpot_target_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
-        for name in ("max_attempts", "prefix_cache_blocks"):
+        for name in ("max_attempts", "prefix_cache_blocks", "events_buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.timeout_graceful_shutdown < 0:
@@ -99,6 +103,8 @@ def build_app(config: RouterConfig, model_path: Path):
     from redis import asyncio as aioredis
 
     from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistry, InstanceRecord
+    from cleave.events.lifecycle import RequestEvents
+    from cleave.events.publisher import EventPublisher
     from cleave.models.tokenizer import Tokenizer
     from cleave.router.admin import add_prometheus_targets_route
     from cleave.router.app import create_app
@@ -113,6 +119,8 @@ def build_app(config: RouterConfig, model_path: Path):
     pool = WorkerPool(redis_client, config.model, refresh_seconds=config.refresh_seconds,
                       health_seconds=config.health_check_seconds)
     metrics = RouterMetrics()
+    publisher = (EventPublisher(config.events_bootstrap, config.events_topic, config.events_buffer_size,
+                                metrics.registry) if config.events_bootstrap else None)
     engine = RemoteEngineClient(
         pool,
         parse_pipeline(config.prefill_routing, prefix_capacity=config.prefix_cache_blocks),
@@ -120,6 +128,7 @@ def build_app(config: RouterConfig, model_path: Path):
         RemoteEngineConfig(config.max_attempts, config.prefill_timeout_seconds, config.decode_timeout_seconds,
                            context_length(model_path)),
         metrics,
+        events=RequestEvents(publisher, ROLE, config.instance_id),
     )
     state: dict = {}
 
@@ -143,6 +152,8 @@ def build_app(config: RouterConfig, model_path: Path):
         finally:
             await grpc_server.drain()
             await redis_client.aclose()
+            if publisher is not None:
+                await asyncio.to_thread(publisher.close)
 
     app = create_app(engine, tokenizer, config.served_model_name, str(model_path), instance_id=config.instance_id,
                      start_engine=True, metrics=metrics, services=services)

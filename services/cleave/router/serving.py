@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from cleave.engine.outputs import EngineClient, ServiceUnavailableError
 from cleave.engine.sampling_params import SamplingParams
 from cleave.router.errors import APIError, internal_error, model_not_found
+from cleave.events.lifecycle import events_of
 from cleave.router.generation import Generation
 from cleave.router.metrics import RouterMetrics
 from cleave.router.protocol.common import PromptTokensDetails, SamplingRequest, UsageInfo
@@ -154,6 +155,22 @@ class OpenAIServing:
                 code="context_length_exceeded",
             )
         return requested
+
+    def admit(self, request: SamplingRequest, request_id: str) -> tuple[list[int], int]:
+        """Check a request under its id (``prepare``, stop token ids), emitting ``arrived``
+        and, when it is refused, ``rejected``; returns its prompt token ids and output budget."""
+        events = events_of(self.engine)
+        model = request.model or self.served_model_name
+        try:
+            prompt_ids, max_tokens = self.prepare(request)
+            if request.stop_token_ids:
+                self.check_token_ids(request.stop_token_ids, "stop_token_ids")
+        except APIError as exc:
+            events.arrived(request_id, None, model)
+            events.rejected(request_id, exc)
+            raise
+        events.arrived(request_id, len(prompt_ids), model)
+        return prompt_ids, max_tokens
 
     async def start(
         self, request: SamplingRequest, request_id: str, prompt_ids: list[int], max_tokens: int, logprobs: bool

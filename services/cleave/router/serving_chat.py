@@ -49,8 +49,8 @@ class OpenAIServingChat(OpenAIServing):
         return prompt_ids, self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens, None, "messages")
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> JSONResponse | SSEResponse:
-        prompt_ids, max_tokens = self.prepare(request)
         request_id = self.new_request_id()
+        prompt_ids, max_tokens = self.admit(request, request_id)
         generation = await self.start(request, request_id, prompt_ids, max_tokens, logprobs=request.logprobs)
         headers = self.response_headers(generation)
         if request.stream:

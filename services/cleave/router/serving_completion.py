@@ -38,8 +38,8 @@ class OpenAIServingCompletion(OpenAIServing):
         return prompt_ids, self.resolve_max_tokens(len(prompt_ids), request.max_tokens, DEFAULT_MAX_TOKENS, "prompt")
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> JSONResponse | SSEResponse:
-        prompt_ids, max_tokens = self.prepare(request)
         request_id = self.new_request_id()
+        prompt_ids, max_tokens = self.admit(request, request_id)
         generation = await self.start(request, request_id, prompt_ids, max_tokens, logprobs=request.logprobs is not None)
         headers = self.response_headers(generation)
         if request.stream:
