@@ -315,3 +315,21 @@ def test_broker_away_costs_drops_not_requests_and_events_flow_again(platform):
 
     assert wait_until(flowing, 120, interval=0.1), "events never flowed again after the broker came back"
     assert platform.metric("cleave_events_sent_total") > sent_before
+
+
+def test_request_no_decode_worker_can_take_ends_with_failed(platform):
+    # Last in the module: it leaves the platform without a decode worker.
+    platform.kill("decode-0")
+    response = platform.complete([9, 8, 7, 6])
+    assert response.status_code in (500, 503), response.text
+
+    def failed_one(events):
+        return any(e["type"] == "failed" for e in events)
+
+    events = collect(platform.bootstrap, "cleave.requests.v1", failed_one)
+    (failed,) = [e for e in events if e["type"] == "failed"]
+    sequence = [e["type"] for e in by_request(events)[failed["request_id"]]]
+    assert sequence[:4] == ["arrived", "admitted", "routed", "prefill_done"], sequence
+    assert sequence[-1] == "failed" and "finished" not in sequence, sequence
+    assert failed["status"] == 503 and "decode" in failed["error"], failed
+    assert check_event(failed) == []

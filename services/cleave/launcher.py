@@ -434,6 +434,8 @@ def print_ready(started: list[ProcessState]) -> None:
         extra += f"\n  instances  {state.info['admin']}  (or: cleave status)"
     if prometheus := next((s for s in started if s.name == "prometheus"), None):
         extra += f"\n  Prometheus {prometheus.info['url']}  (config {prometheus.info['config']})"
+    if kafka := next((s for s in started if s.name == "kafka"), None):
+        extra += f"\n  events     {kafka.info['url']}  (topic {kafka.info['topic']}; cleave events --bootstrap {kafka.info['url']})"
     print(
         f"""cleave is up (model {model})
   REST API   {url}{extra}
