@@ -9,12 +9,18 @@ MODEL ?= smollm2-moe
 UP_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# Kubernetes in kind (docs/kubernetes.md): needs docker, kind and kubectl; helm comes from infra/scripts/helm.sh.
+KIND_CLUSTER ?= cleave
+KIND_IMAGE ?= cleave:dev
+KIND_NAMESPACE ?= cleave
+HELM := $(VENV)/bin/helm
 GRPC_PORT ?= 50051
 LOADTEST_USERS ?= 4
 LOADTEST_TIME ?= 60s
 LOADTEST_ARGS ?=
 
 .PHONY: install install-test model up down status test bench bench-disagg clean \
+	kind-up kind-load kind-install kind-smoke kind-down \
 	loadtest-fixed loadtest-random loadtest-chat loadtest-mooncake loadtest-ramp loadtest-step loadtest-grpc
 
 install:
@@ -73,3 +79,27 @@ loadtest-grpc: install-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+kind-up:
+	kind create cluster --name $(KIND_CLUSTER) --config infra/kind/cluster.yaml
+
+kind-load:
+	docker build -f infra/docker/Dockerfile -t $(KIND_IMAGE) .
+	kind load docker-image $(KIND_IMAGE) --name $(KIND_CLUSTER)
+
+kind-install:
+	@bash infra/scripts/helm.sh install
+	$(HELM) upgrade --install cleave charts/cleave --namespace $(KIND_NAMESPACE) --create-namespace \
+	  --kube-context kind-$(KIND_CLUSTER) -f infra/kind/values.yaml --wait --timeout 10m
+	kubectl --context kind-$(KIND_CLUSTER) -n $(KIND_NAMESPACE) wait llmdeployment/cleave \
+	  --for=condition=Ready --timeout=10m
+
+kind-smoke:
+	@kubectl --context kind-$(KIND_CLUSTER) -n $(KIND_NAMESPACE) port-forward svc/cleave-router 18000:8000 >/dev/null & \
+	  pf=$$!; trap 'kill $$pf' EXIT; \
+	  for i in $$(seq 30); do curl -sf http://127.0.0.1:18000/health >/dev/null && break; sleep 1; done; \
+	  curl -sf http://127.0.0.1:18000/v1/completions -H 'content-type: application/json' \
+	    -d '{"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 16}'; echo
+
+kind-down:
+	kind delete cluster --name $(KIND_CLUSTER)
