@@ -342,3 +342,30 @@ def test_dockerfile_pins_what_the_project_pins_and_runs_non_root():
     assert 'ENTRYPOINT ["cleave"]' in dockerfile
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["model"]["path"] in dockerfile
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_notes_tell_the_user_what_to_do_next(label, tmp_path):
+    # `helm template` skips NOTES.txt and `helm install --dry-run` needs a cluster: render
+    # a copy of the chart in which NOTES.txt is a named template, printed into a YAML string.
+    chart = tmp_path / "cleave"
+    shutil.copytree(CHART, chart)
+    notes_source = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}' + notes_source + "{{- end -}}")
+    (chart / "templates" / "notes.yaml").write_text('notes: {{ include "notes" . | toJson }}\n')
+    args = ["template", "cleave", str(chart), "--show-only", "templates/notes.yaml"]
+    if VALUE_SETS[label] is not None:
+        args += ["-f", str(VALUE_SETS[label])]
+    result = run_helm(*args)
+    assert result.returncode == 0, result.stderr
+    notes = yaml.safe_load(result.stdout)["notes"]
+    values = yaml.safe_load(VALUE_SETS[label].read_text()) if VALUE_SETS[label] else {}
+    model = (values.get("model") or {}).get("name", "smollm2-135m-instruct")
+    assert "port-forward svc/" in notes and "/v1/completions" in notes and f'"model": "{model}"' in notes
+    routers = {o["metadata"]["name"] for o in render(VALUE_SETS[label]) if o["kind"] == "Service"
+               and o["metadata"]["name"].endswith("-router")}
+    lds = [o for o in render(VALUE_SETS[label]) if o["kind"] == "LLMDeployment"]
+    routers |= {f"{o['metadata']['name']}-router" for o in lds}  # the operator names it <name>-router
+    (router,) = re.findall(r"port-forward svc/(\S+)", notes)
+    assert router in routers
