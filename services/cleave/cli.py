@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "kvstore": "cleave.kvstore.main",
     "expert": "cleave.expert.main",
     "events": "cleave.events.consumer",
+    "rca": "cleave.rca.cli",
+    "rca-eval": "cleave.rca.evaluate",
 }
 
 
