@@ -19,7 +19,7 @@ LOADTEST_USERS ?= 4
 LOADTEST_TIME ?= 60s
 LOADTEST_ARGS ?=
 
-.PHONY: install install-test model up down status test bench bench-disagg clean \
+.PHONY: install install-test model up down status test bench bench-disagg rca-eval clean \
 	kind-up kind-load kind-install kind-smoke kind-down \
 	loadtest-fixed loadtest-random loadtest-chat loadtest-mooncake loadtest-ramp loadtest-step loadtest-grpc
 
@@ -49,6 +49,9 @@ bench: install-test
 
 bench-disagg: install-test
 	@$(PY) bench/disagg.py $(BENCH_ARGS)
+
+rca-eval: install
+	@$(CLEAVE) rca-eval
 
 # Headless Locust against a running `make up` (docs/loadtest.md): bounded in users and time,
 # CSV and HTML report under loadtest/results/.
