@@ -12,6 +12,8 @@ values are ignored per series.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from cleave.rca.timeseries import MetricsError, MetricTable
@@ -32,7 +34,8 @@ def change_scores(table: MetricTable, min_segment: int = 2, cap: float = 10.0,
     scores = np.zeros(n)
     if n < 2 * min_segment:
         return scores
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
         z = _robust_scaled(table.values)
         present = ~np.isnan(z)
         z = np.where(present, z, 0.0)

@@ -32,7 +32,13 @@ def _iso(t: float | None) -> str:
 
 
 def run_command(command: str, argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return run(build_parser().parse_args(argv))
+    except BrokenPipeError:
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         table = load_csv(args.metrics, args.split)
         detected = args.anomaly_time is None
