@@ -39,6 +39,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.INFO
+    # No cluster-wide watching of namespaces and CRDs: the RBAC stays within the
+    # resources it reconciles (docs/operator.md).
+    settings.scanning.disabled = True
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
