@@ -531,3 +531,25 @@ def test_read_roles_rejects_what_the_cel_rules_reject() -> None:
         read_roles({"roles": {"router": {}, "prefill": {}, "decode": {"minReplicas": 3, "maxReplicas": 2}}})
     with pytest.raises(SpecError):
         read_roles({"roles": {"router": {}, "prefill": {}}})
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "m", "image": "registry.example/models/m:1"},
+    {"name": "m", "path": "m", "persistentVolumeClaim": "models"},
+    {"name": "m", "path": "/opt/models/m"},
+])
+def test_children_load_into_the_kubernetes_models(model: dict[str, Any]) -> None:
+    roles = read_roles({"roles": {
+        "router": {}, "prefill": {}, "decode": {"resources": {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}},
+                                                "nodeSelector": {"accelerator": "h100"},
+                                                "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+        "kvstore": {}, "expert": {}}})
+    for role in roles.values():
+        deployment = children.deployment("m", role, 1, image="cleave:0.1.0", pull_policy="IfNotPresent",
+                                         model=model, config_hash="0")
+        parsed = kubernetes.client.V1Deployment.from_dict(deployment)
+        assert parsed.spec.template.spec.containers[0].args == [role.name]
+        if role.name == "decode":
+            assert parsed.spec.template.spec.containers[0].resources.limits == {"nvidia.com/gpu": "1", "memory": "8Gi"}
+        kubernetes.client.V1Service.from_dict(children.service("m", role.name))
+    kubernetes.client.V1ConfigMap.from_dict(children.config_map("m", {"CLEAVE_MODEL": "/models/m"}))

@@ -57,7 +57,8 @@ def read_roles(spec: Mapping[str, Any]) -> dict[str, RoleSpec]:
             raise SpecError(f"roles.{name}: replicas {replicas} outside [{min_replicas}, {max_replicas}]")
         roles[name] = RoleSpec(
             name=name, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-            resources=dict(raw.get("resources") or {}),
+            resources={kind: {key: str(value) for key, value in (amounts or {}).items()}
+                       for kind, amounts in (raw.get("resources") or {}).items()},
             node_selector=dict(raw.get("nodeSelector") or {}),
             tolerations=tuple(raw.get("tolerations") or ()),
         )
@@ -69,7 +70,10 @@ def accelerators_of(role: RoleSpec, resource_name: str) -> int:
     for kind in ("limits", "requests"):
         value = (role.resources.get(kind) or {}).get(resource_name)
         if value is not None:
-            return int(value)
+            try:
+                return int(value)
+            except ValueError as error:
+                raise SpecError(f"roles.{role.name}.resources.{kind}.{resource_name}: {value!r} is not a whole number") from error
     return 0
 
 
