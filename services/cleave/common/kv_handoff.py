@@ -37,8 +37,7 @@ from cleave.kvstore.client import KVStoreClient, group_by_store, group_for_read
 from cleave.models.config import ModelConfig
 from cleave.models.moe import ExpertBackendError
 from cleave.modelzoo.registry import resolve
-# Re-exported while callers move to cleave.common.wire.
-from cleave.common.wire import FAILURE_CAUSE_KEY, FINISH_REASONS, params_from_proto, params_to_proto  # noqa: F401
+from cleave.common.wire import FAILURE_CAUSE_KEY
 from cleave.protogen.cleave.v1 import common_pb2
 
 log = logging.getLogger("cleave.kv_handoff")

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from cleave.common.grpc_server import DEFAULT_DRAIN_GRACE_SECONDS, ServiceServer
-from cleave.common.kv_handoff import FINISH_REASONS
+from cleave.common.wire import FINISH_REASONS
 from cleave.engine.outputs import EngineClient
 from cleave.protogen.cleave.v1 import common_pb2
 from cleave.protogen.cleave.v1 import generate_pb2 as pb

@@ -20,7 +20,7 @@ from typing import AsyncGenerator
 
 import grpc
 
-from cleave.common.kv_handoff import FAILURE_CAUSE_KEY, params_to_proto
+from cleave.common.wire import FAILURE_CAUSE_KEY, params_to_proto
 from cleave.engine.outputs import RequestOutput, ServiceUnavailableError
 from cleave.engine.sampling_params import SamplingParams
 from cleave.events.lifecycle import NO_EVENTS, RequestEvents
