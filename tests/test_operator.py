@@ -550,7 +550,11 @@ def test_children_load_into_the_kubernetes_models(model: dict[str, Any]) -> None
         deployment = children.deployment("m", role, 1, image="cleave:0.1.0", pull_policy="IfNotPresent",
                                          model=model, config_hash="0")
         parsed = kubernetes.client.V1Deployment.from_dict(deployment)
-        assert parsed.spec.template.spec.containers[0].args == [role.name]
+        container = parsed.spec.template.spec.containers[0]
+        assert container.args == [role.name]
+        # A read-only root: every path the image writes to is a volume.
+        assert container.security_context.read_only_root_filesystem
+        assert {"/tmp", children.CACHE_MOUNT} <= {mount.mount_path for mount in container.volume_mounts}
         if role.name == "decode":
             assert parsed.spec.template.spec.containers[0].resources.limits == {"nvidia.com/gpu": "1", "memory": "8Gi"}
         kubernetes.client.V1Service.from_dict(children.service("m", role.name))

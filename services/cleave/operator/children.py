@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 from cleave.operator.spec import MODELS_MOUNT, RoleSpec
 
+CACHE_MOUNT = "/home/cleave/.cache"  # HOME of the image's user (infra/docker/Dockerfile)
+
 MANAGED_BY = "cleave-operator"
 ROLE_LABEL = "cleave.dev/role"
 DEPLOYMENT_LABEL = "cleave.dev/llmdeployment"
@@ -109,9 +111,11 @@ def pod_template(owner: str, role: RoleSpec, *, image: str, pull_policy: str,
         "resources": dict(role.resources),
         "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
                             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        # The root filesystem is read-only: scratch space and the image's CLEAVE_HOME
+        # (under HOME) are emptyDirs, as in the chart's own pods.
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE_MOUNT}],
     }
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
     init_containers: list[dict[str, Any]] = []
     if model.get("image"):
         volumes.append({"name": "models", "emptyDir": {}})
