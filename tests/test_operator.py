@@ -17,9 +17,12 @@ import asyncio
 import contextlib
 import copy
 import gc
+import http.server
 import itertools
+import json
 import threading
 import os
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -36,7 +39,7 @@ os.environ.setdefault("CLEAVE_OPERATOR_STATUS_INTERVAL", "0.3")
 import kopf  # noqa: E402
 import kubernetes  # noqa: E402
 
-from cleave.operator import children, handlers  # noqa: E402
+from cleave.operator import children, handlers, scaling  # noqa: E402
 from cleave.operator.spec import SpecError, plan_replicas, read_roles  # noqa: E402
 
 CRD_PATH = Path(__file__).resolve().parents[1] / "charts/cleave/crds/llmdeployments.cleave.dev.yaml"
@@ -559,3 +562,180 @@ def test_children_load_into_the_kubernetes_models(model: dict[str, Any]) -> None
             assert parsed.spec.template.spec.containers[0].resources.limits == {"nvidia.com/gpu": "1", "memory": "8Gi"}
         kubernetes.client.V1Service.from_dict(children.service("m", role.name))
     kubernetes.client.V1ConfigMap.from_dict(children.config_map("m", {"CLEAVE_MODEL": "/models/m"}))
+
+
+# --- the scaling controller ----------------------------------------------------------------
+
+TARGETS = {"ttft": scaling.Target(90, 0.5), "tpot": scaling.Target(90, 0.05)}
+BOUNDS = {"prefill": (1, 4), "decode": (1, 8)}
+ON = scaling.Policy(enabled=True, cooldown_seconds=60)
+BUSY_PREFILL = scaling.Metrics(ttft=0.9, tpot=0.03, prefill_waiting=6, decode_running=4, decode_waiting=0)
+BUSY_DECODE = scaling.Metrics(ttft=0.3, tpot=0.08, prefill_waiting=0, decode_running=16, decode_waiting=3)
+IDLE = scaling.Metrics(ttft=0.1, tpot=0.005, prefill_waiting=0, decode_running=1, decode_waiting=0)
+
+
+@pytest.mark.parametrize("case, expected", [
+    pytest.param({}, ("prefill", 1, 2, "TTFT p90 0.9 s over 0.5 s with 6 prefill requests waiting"), id="ttft-adds-prefill"),
+    pytest.param({"policy": scaling.Policy(enabled=True, scale_up_step=2, cooldown_seconds=60)},
+                 ("prefill", 1, 3, "TTFT p90"), id="scale-up-step"),
+    pytest.param({"metrics": BUSY_DECODE}, ("decode", 2, 3, "TPOT p90 0.08 s over 0.05 s"), id="tpot-adds-decode"),
+    pytest.param({"metrics": scaling.Metrics(ttft=0.9, tpot=0.03, prefill_waiting=0)}, None,
+                 id="ttft-breach-without-prefill-queue-holds"),
+    pytest.param({"metrics": scaling.Metrics(ttft=0.3, tpot=0.08, decode_running=3, decode_waiting=0)}, None,
+                 id="tpot-breach-decode-not-saturated-holds"),
+    pytest.param({"metrics": IDLE, "replicas": {"prefill": 2, "decode": 3}},
+                 ("decode", 3, 2, "under 50% of their targets"), id="idle-removes-from-idlest"),
+    pytest.param({"metrics": scaling.Metrics(ttft=0.05, tpot=0.02), "replicas": {"prefill": 2, "decode": 3}},
+                 ("prefill", 2, 1, "prefill is the idlest pool"), id="idle-prefill-idlest"),
+    pytest.param({"metrics": IDLE, "replicas": {"prefill": 1, "decode": 1}}, None, id="idle-at-min-holds"),
+    pytest.param({"metrics": IDLE, "replicas": {"prefill": 2, "decode": 1}},
+                 ("prefill", 2, 1, "idlest"), id="idle-idlest-at-min-other-gives"),
+    pytest.param({"metrics": scaling.Metrics(ttft=0.3, tpot=0.02)}, None, id="in-band-holds"),
+    pytest.param({"replicas": {"prefill": 4, "decode": 2}},
+                 ("prefill", 4, 4, "at maxReplicas 4", True), id="max-limited"),
+    pytest.param({"max_total": 3}, ("prefill", 1, 1, "the budget of 3 replicas is used", True), id="budget-limited"),
+    pytest.param({"max_total": 4, "policy": scaling.Policy(enabled=True, scale_up_step=3, cooldown_seconds=0)},
+                 ("prefill", 1, 2, "TTFT"), id="budget-trims-step"),
+    pytest.param({"last_decision": 1000 - 30}, None, id="cooldown"),
+    pytest.param({"last_decision": 1000 - 60}, ("prefill", 1, 2, "TTFT"), id="cooldown-over"),
+    pytest.param({"paused": True}, None, id="paused"),
+    pytest.param({"policy": scaling.Policy(enabled=False)}, None, id="disabled"),
+    pytest.param({"metrics": None}, None, id="metrics-unavailable"),
+    pytest.param({"metrics": scaling.Metrics(prefill_waiting=5, decode_waiting=5)}, None, id="no-latency-samples"),
+    pytest.param({"targets": {}}, None, id="no-targets"),
+])
+def test_decide(case: dict[str, Any], expected: tuple | None) -> None:
+    args = {"targets": TARGETS, "policy": ON, "replicas": {"prefill": 1, "decode": 2}, "bounds": BOUNDS,
+            "metrics": BUSY_PREFILL, "now": 1000.0, "last_decision": None, "paused": False, "max_total": None}
+    args.update(case)
+    decision = scaling.decide(**args)
+    if expected is None:
+        assert decision is None
+        return
+    role, before, after, reason, *limited = expected
+    assert decision is not None
+    assert (decision.role, decision.before, decision.after) == (role, before, after)
+    assert reason in decision.reason and decision.limited == bool(limited)
+
+
+class FakePrometheus:
+    """/api/v1/query on 127.0.0.1 answering canned vectors by metric name: a real
+    Prometheus cannot be fed a synthetic SLO breach quickly."""
+
+    def __init__(self, values: dict[str, float]):
+        self.values, self.queries = values, []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0]
+                fake.queries.append(query)
+                result = [{"metric": {}, "value": [0, str(value)]} for name, value in fake.values.items() if name in query]
+                body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "FakePrometheus":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_prometheus_client_reads_the_documented_metrics() -> None:
+    with FakePrometheus({"time_to_first_token": 0.9, "inter_token": 0.03, "prefill_waiting": 6,
+                         "decode_running": 4, "decode_waiting": 0}) as prometheus:
+        metrics = scaling.PrometheusClient(prometheus.url).metrics(TARGETS)
+    assert metrics == BUSY_PREFILL
+    assert "histogram_quantile(0.9, sum by (le) (rate(cleave_router_time_to_first_token_seconds_bucket[2m])))" \
+        in prometheus.queries
+    unreachable = scaling.PrometheusClient(prometheus.url, timeout=2)
+    assert unreachable.metrics(TARGETS) is None and "cannot be read" in unreachable.error
+
+
+def test_push_decision_keeps_the_newest_hundred_and_survives_a_dead_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    calls: list[tuple] = []
+
+    class FakeRedis:
+        def lpush(self, *args: Any) -> None:
+            calls.append(("lpush", *args))
+
+        def ltrim(self, *args: Any) -> None:
+            calls.append(("ltrim", *args))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(redis.Redis, "from_url", classmethod(lambda cls, url, **_: FakeRedis()))
+    assert scaling.push_decision("redis://example:6379/0", {"ts": 1.5, "role": "decode", "from": 2, "to": 3, "reason": "r"})
+    assert calls[0][:2] == ("lpush", "cleave:scaling:decisions") and json.loads(calls[0][2])["to"] == 3
+    assert calls[1] == ("ltrim", "cleave:scaling:decisions", 0, 99)
+    monkeypatch.undo()
+    assert not scaling.push_decision("redis://127.0.0.1:1/0", {"ts": 1.5})  # refused: logged, not raised
+    assert not scaling.push_decision("", {"ts": 1.5})
+
+
+def autoscaled(cooldown: int) -> dict[str, Any]:
+    return sample(autoscaling={"policy": {"enabled": True, "cooldownSeconds": cooldown}})
+
+
+@pytest.mark.asyncio
+async def test_ttft_breach_scales_prefill_up_by_one(api: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakePrometheus({"time_to_first_token": 0.9, "inter_token": 0.03, "prefill_waiting": 6,
+                         "decode_running": 4, "decode_waiting": 0}) as prometheus:
+        monkeypatch.setenv("CLEAVE_PROMETHEUS_URL", prometheus.url)
+        async with operator():
+            # A long cooldown: creating the Deployments is a decision too, so the test moves
+            # that decision into the past; after the one step the cooldown holds everything.
+            await create(api, autoscaled(cooldown=3600))
+            await eventually(lambda: len(objects(api, DEPLOYMENTS)) == 4 and handled(api, "smol"), "the Deployments")
+            await eventually(lambda: (get(api, LLMD, "smol").get("status") or {}).get("lastScalingDecision"), "status")
+            response = await api.patch(f"/apis/cleave.dev/v1alpha1/namespaces/{NS}/llmdeployments/smol/status", json={
+                "status": {"lastScalingDecision": {"time": "2000-01-01T00:00:00Z", "role": "kvstore",
+                                                   "from": 0, "to": 1, "reason": "created"}}},
+                headers={"Content-Type": "application/merge-patch+json"})
+            assert response.status == 200
+            await eventually(lambda: get(api, DEPLOYMENTS, "smol-prefill")["spec"]["replicas"] == 2, "the scale up")
+            await eventually(lambda: get(api, LLMD, "smol")["status"]["lastScalingDecision"]["role"] == "prefill",
+                             "the decision in status")
+            await eventually(lambda: get(api, LLMD, "smol")["status"].get("pdRatio") == "2:2", "the ratio")
+    status = get(api, LLMD, "smol")["status"]
+    decision = status["lastScalingDecision"]
+    assert (decision["from"], decision["to"]) == (1, 2)
+    assert decision["reason"] == "TTFT p90 0.9 s over 0.5 s with 6 prefill requests waiting"
+    assert status["desiredReplicas"]["prefill"] == 2
+    assert get(api, DEPLOYMENTS, "smol-decode")["spec"]["replicas"] == 2
+    scaled = [e for e in posted_events(api) if e["reason"] == "Scaled"]
+    assert [e["message"] for e in scaled] == [f"Deployment smol-prefill scaled 1 -> 2 ({decision['reason']})"]
+
+
+@pytest.mark.asyncio
+async def test_unreachable_prometheus_changes_nothing(api: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakePrometheus({}) as prometheus:
+        url = prometheus.url  # closed on exit: nothing listens there any more
+    monkeypatch.setenv("CLEAVE_PROMETHEUS_URL", url)
+    async with operator():
+        await create(api, autoscaled(cooldown=0))
+        await eventually(lambda: len(objects(api, DEPLOYMENTS)) == 4 and handled(api, "smol"), "the Deployments")
+        before = copy.deepcopy(objects(api, DEPLOYMENTS))
+        await eventually(lambda: condition(get(api, LLMD, "smol"), "ScalingLimited").get("reason")
+                         == "MetricsUnavailable", "the condition")
+        await eventually(lambda: any(e["reason"] == "MetricsUnavailable" and e["type"] == "Warning"
+                                     for e in posted_events(api)), "the Warning event")
+    limited = condition(get(api, LLMD, "smol"), "ScalingLimited")
+    assert limited["status"] == "True" and f"Prometheus at {url} cannot be read" in limited["message"]
+    assert objects(api, DEPLOYMENTS) == before
+    assert sum(e["reason"] == "MetricsUnavailable" for e in posted_events(api)) == 1

@@ -5,16 +5,18 @@ resource's status and annotations, never in memory, so a restarted operator resu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import kopf
 import kubernetes
 
-from cleave.operator import children
+from cleave.operator import children, scaling
 from cleave.operator.spec import ROLES, ReplicaPlan, RoleSpec, SpecError, plan_replicas, read_roles, shared_config
 
 GROUP, VERSION, PLURAL = "cleave.dev", "v1alpha1", "llmdeployments"
@@ -30,6 +32,7 @@ def operator_defaults() -> dict[str, str]:
         "pull_policy": os.environ.get("CLEAVE_IMAGE_PULL_POLICY", "IfNotPresent"),
         "redis_url": os.environ.get("CLEAVE_REDIS_URL", ""),
         "events_bootstrap": os.environ.get("CLEAVE_EVENTS_BOOTSTRAP", ""),
+        "prometheus_url": os.environ.get("CLEAVE_PROMETHEUS_URL", ""),
     }
 
 
@@ -56,7 +59,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.St
         kopf.info(body, reason="Paused", message="spec.paused is true: no objects were changed")
         return
     try:
-        roles = read_roles(spec)
+        roles = autoscaled_roles(read_roles(spec), spec, status)
         config = shared_config(spec, operator_defaults())
     except SpecError as error:
         conditions.set("Degraded", "True", "InvalidSpec", str(error))
@@ -99,13 +102,13 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.St
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL, initial_delay=STATUS_INTERVAL)
-def refresh_status(spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, name: str, namespace: str,
-                   patch: kopf.Patch, **_: Any) -> None:
+def refresh_status(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, name: str,
+                   namespace: str, patch: kopf.Patch, **_: Any) -> None:
     """Read the Deployments back into status (ready replicas, Ready/Progressing/Degraded)
-    and re-check the budget. It never changes the Deployments: scaling on measured
-    latency against spec.targets is not built yet (docs/operator.md)."""
+    and re-check the budget; with ``autoscaling.policy.enabled``, step prefill or decode
+    against the latency targets (``autoscale``, docs/operator.md "Scaling")."""
     try:
-        roles = read_roles(spec)
+        roles = autoscaled_roles(read_roles(spec), spec, status)
     except SpecError:
         return
     plan = plan_replicas(roles, (spec.get("autoscaling") or {}).get("budget"))
@@ -113,8 +116,86 @@ def refresh_status(spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, name: 
     if spec.get("paused"):
         conditions.set("Progressing", "False", "Paused", "spec.paused is true: nothing is changed")
     with kubernetes.client.ApiClient() as api:
-        observed = observe(kubernetes.client.AppsV1Api(api), namespace, name, plan)
+        apps = kubernetes.client.AppsV1Api(api)
+        limited = None
+        if scaling.Policy.from_spec(spec.get("autoscaling")).enabled and not spec.get("paused") \
+                and handled_spec(meta) == dict(spec):  # never while reconcile has a change to apply
+            limited = autoscale(apps, body, spec, status, name, namespace, roles, plan, patch)
+        observed = observe(apps, namespace, name, plan)
     write_status(patch, conditions, plan, observed, meta, paused=bool(spec.get("paused")))
+    if limited:  # after write_status, which sets ScalingLimited from the budget alone
+        reason, message = limited
+        before = Conditions(status.get("conditions"), None).by_type.get("ScalingLimited") or {}
+        if (before.get("reason"), before.get("message")) != (reason, message):  # an Event per change, not per tick
+            kopf.warn(body, reason=reason, message=message)
+        conditions.set("ScalingLimited", "True", reason, message)
+        patch.status["conditions"] = conditions.items
+
+
+def autoscaled_roles(roles: dict[str, RoleSpec], spec: Mapping[str, Any],
+                     status: Mapping[str, Any]) -> dict[str, RoleSpec]:
+    """With autoscaling on, the scaled pools keep the replicas last applied
+    (``status.desiredReplicas``, within min/max): spec replicas are the starting point."""
+    if not scaling.Policy.from_spec(spec.get("autoscaling")).enabled:
+        return roles
+    applied = status.get("desiredReplicas") or {}
+    return {name: dataclasses.replace(role, replicas=min(max(int(applied[name]), role.min_replicas), role.max_replicas))
+            if name in scaling.SCALED_ROLES and name in applied else role for name, role in roles.items()}
+
+
+def autoscale(apps: Any, body: kopf.Body, spec: Mapping[str, Any], status: Mapping[str, Any], name: str,
+              namespace: str, roles: Mapping[str, RoleSpec], plan: ReplicaPlan,
+              patch: kopf.Patch) -> tuple[str, str] | None:
+    """Read the metrics, ``scaling.decide`` one step, apply it to the role's Deployment and
+    record it (status, Event, Redis). Answers (reason, message) for the ScalingLimited
+    condition when metrics are missing or a wanted step is refused, else None."""
+    defaults = operator_defaults()
+    targets = scaling.targets_from_spec(spec)
+    if not defaults["prometheus_url"]:
+        return "MetricsUnavailable", "autoscaling is enabled but no Prometheus URL is configured (CLEAVE_PROMETHEUS_URL)"
+    client = scaling.PrometheusClient(defaults["prometheus_url"])
+    metrics = client.metrics(targets)
+    if metrics is None:
+        return "MetricsUnavailable", f"{client.error}; no scaling decision"
+    last = (status.get("lastScalingDecision") or {}).get("time")
+    decision = scaling.decide(
+        targets=targets, policy=scaling.Policy.from_spec(spec.get("autoscaling")),
+        replicas={role: plan.replicas[role] for role in scaling.SCALED_ROLES},
+        bounds={role: (roles[role].min_replicas, roles[role].max_replicas) for role in scaling.SCALED_ROLES},
+        metrics=metrics, now=time.time(), paused=bool(spec.get("paused")),
+        last_decision=_parse_time(last) if last else None,
+        max_total=((spec.get("autoscaling") or {}).get("budget") or {}).get("maxTotalReplicas"))
+    if decision is None:
+        return None
+    if decision.limited:
+        return "AutoscalingLimited", decision.reason
+    plan.replicas[decision.role] = decision.after
+    config_map = children.config_map(name, shared_config(spec, defaults))
+    deployment = children.deployment(
+        name, roles[decision.role], decision.after, image=spec.get("image") or defaults["image"],
+        pull_policy=spec.get("imagePullPolicy") or defaults["pull_policy"], model=spec["model"],
+        config_hash=config_map["metadata"]["annotations"][children.CONFIG_HASH])
+    kopf.adopt(deployment, owner=body)
+    for record in apply_deployment(apps, namespace, deployment, roles[decision.role], plan, body,
+                                   reason=decision.reason):
+        patch.status["lastScalingDecision"] = record
+        redis_url = (spec.get("connections") or {}).get("redisUrl") or defaults["redis_url"]
+        scaling.push_decision(redis_url, {"ts": time.time(), "deployment": name, **{
+            key: record[key] for key in ("role", "from", "to", "reason")}})
+    return None
+
+
+def handled_spec(meta: Mapping[str, Any]) -> Any:
+    """The spec kopf last handled successfully (its diff base annotation), or None."""
+    stored = (meta.get("annotations") or {}).get(f"{GROUP}/last-handled-configuration")
+    try:
+        return json.loads(stored).get("spec") if stored else None
+    except ValueError:
+        return None
+
+
+def _parse_time(value: str) -> float:
+    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 # --- applying: create when missing, patch only what differs ---------------------------
@@ -142,12 +223,12 @@ def apply_config_map(core: Any, namespace: str, desired: dict[str, Any]) -> bool
 
 
 def apply_deployment(apps: Any, namespace: str, desired: dict[str, Any], role: RoleSpec,
-                     plan: ReplicaPlan, body: kopf.Body) -> list[dict[str, Any]]:
+                     plan: ReplicaPlan, body: kopf.Body, reason: str = "") -> list[dict[str, Any]]:
     """Create, roll (the pod template changed) or scale (only replicas changed) one
     Deployment; returns the scaling decisions taken."""
     name = desired["metadata"]["name"]
     replicas = desired["spec"]["replicas"]
-    reason = "; ".join(plan.limited) if replicas != role.replicas else f"spec.roles.{role.name}.replicas"
+    reason = reason or ("; ".join(plan.limited) if replicas != role.replicas else f"spec.roles.{role.name}.replicas")
     current = _read(apps.read_namespaced_deployment, name, namespace)
     if current is None:
         apps.create_namespaced_deployment(namespace, desired, _preload_content=False)

@@ -18,12 +18,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="namespace to watch (repeatable); default: $CLEAVE_WATCH_NAMESPACES, else all")
     parser.add_argument("--liveness", default=os.environ.get("CLEAVE_OPERATOR_LIVENESS", ""),
                         help="kopf liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--prometheus-url", default=os.environ.get("CLEAVE_PROMETHEUS_URL", ""),
+                        help="Prometheus the autoscaler queries, e.g. http://prometheus:9090 "
+                             "(default: $CLEAVE_PROMETHEUS_URL; none: no autoscaling)")
     parser.add_argument("--verbose", action="store_true", help="debug logs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.prometheus_url:
+        os.environ["CLEAVE_PROMETHEUS_URL"] = args.prometheus_url  # read by the handlers
     import kopf
 
     import cleave.operator.handlers  # noqa: F401  (registers the handlers)
