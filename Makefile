@@ -19,7 +19,7 @@ LOADTEST_USERS ?= 4
 LOADTEST_TIME ?= 60s
 LOADTEST_ARGS ?=
 
-.PHONY: install install-test model up down status test bench bench-disagg rca-eval clean \
+.PHONY: install install-test model up down status test bench bench-disagg bench-vllm rca-eval clean \
 	kind-up kind-load kind-install kind-smoke kind-down \
 	loadtest-fixed loadtest-random loadtest-chat loadtest-mooncake loadtest-ramp loadtest-step loadtest-grpc
 
@@ -49,6 +49,12 @@ bench: install-test
 
 bench-disagg: install-test
 	@$(PY) bench/disagg.py $(BENCH_ARGS)
+
+# Cleave against vLLM's CPU build (docs/benchmarks.md); vLLM lives in its own .venv-vllm/.
+bench-vllm: install-test
+	@bash infra/scripts/vllm.sh install
+	@$(CLEAVE) model build $(MODEL)
+	@$(PY) bench/peer_vllm.py --model $(MODEL) $(BENCH_ARGS)
 
 rca-eval: install
 	@$(CLEAVE) rca-eval

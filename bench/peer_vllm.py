@@ -1,0 +1,228 @@
+"""Cleave against vLLM's CPU build on the same tiny MoE checkpoint, driven by vLLM's own client.
+
+    python bench/peer_vllm.py [--model smollm2-moe] [--shapes single[,disagg]] [--num-prompts 50]
+                              [--input-len 128] [--output-len 32] [--server-core 1] [--client-core 0]
+
+Needs vLLM's CPU build in .venv-vllm/ (``infra/scripts/vllm.sh install``). In one run, one
+server at a time (so no two servers share the cores): vLLM (``vllm serve``), then Cleave
+single-process (``cleave up --mode single --num-threads 1``), then, with ``--shapes`` naming
+it, Cleave disaggregated (``cleave up`` defaults, 1 torch thread per worker). Each server runs
+under ``taskset -c SERVER_CORE`` (every process it spawns inherits that mask) and each client
+under ``taskset -c CLIENT_CORE``: on a 2-core machine the server has core 1 to itself and the
+client core 0. Every server is driven by ``vllm bench serve`` (OpenAI ``/v1/completions``,
+streaming; random dataset, ``--input-len`` in / ``--output-len`` out, ``--num-prompts``
+prompts, temperature 0, ``--ignore-eos``) twice: at concurrency 1, then all prompts at once
+(unbounded request rate, no concurrency cap), after a short warm-up run. The figures are
+those of its ``--save-result`` JSON: output tokens/s, mean/p99 TTFT and TPOT, and the ratios
+Cleave/vLLM.
+
+The model is smollm2-moe (Mixtral-shaped, 30 layers, 4 experts top-2, head_dim 64), not
+tiny-mixtral: vLLM 0.32's CPU attention has no kernel for tiny-mixtral's head_dim of 16
+("Unsupported CPU attention configuration: head_dim=16"), so its engine dies on the first
+request."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from local_platform import Platform, free_port  # noqa: E402  (the tests' `cleave up` harness: own home, free ports)
+
+VENV = Path(os.environ.get("CLEAVE_VLLM_VENV", ROOT / ".venv-vllm"))
+VLLM = VENV / "bin" / "vllm"
+METRICS = (  # result key, label, lower is better
+    ("output_throughput", "output tok/s", False),
+    ("mean_ttft_ms", "TTFT mean ms", True),
+    ("p99_ttft_ms", "TTFT p99 ms", True),
+    ("mean_tpot_ms", "TPOT mean ms", True),
+    ("p99_tpot_ms", "TPOT p99 ms", True),
+)
+LOADS = (("c=1", ["--max-concurrency", "1", "--request-rate", "inf"]),
+         ("unbounded", ["--request-rate", "inf"]))
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log else ""
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+
+
+class VllmServer:
+    def __init__(self, model_dir: Path, name: str, core: str, log: Path, max_model_len: int) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.argv = ["taskset", "-c", core, str(VLLM), "serve", str(model_dir), "--served-model-name", name,
+                     "--host", "127.0.0.1", "--port", str(self.port), "--gpu-memory-utilization", "0.3",
+                     "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-num-seqs", "64",
+                     "--enforce-eager", "--disable-log-stats"]
+        # The CPU backend binds its OpenMP threads itself: to the server's core, one thread;
+        # 1 GiB of KV cache is ample for this model.
+        self.env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "1",
+                    "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                    "VLLM_TARGET_DEVICE": "cpu"}
+        self.proc: subprocess.Popen | None = None
+
+    def up(self, timeout: float) -> None:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_ready(f"{self.base_url}/v1/models", self.proc, timeout, self.log)
+
+    def down(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the API server and its engine core
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+class PinnedPlatform(Platform):
+    """`cleave up` under taskset: the launcher and every process it starts keep the mask."""
+
+    def __init__(self, *args, core: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.core = core
+
+    def up(self) -> None:
+        result = subprocess.run(["taskset", "-c", self.core, sys.executable, "-m", "cleave.cli", "up", *self.flags],
+                                env=self.env, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"cleave up failed:\n{result.stdout}\n{result.stderr}\n{self.logs()}")
+
+
+def bench_serve(base_url: str, name: str, model_dir: Path, args, load: list[str], num_prompts: int,
+                result_dir: Path, tag: str, seed: int) -> dict:
+    filename = f"{tag}.json"
+    argv = ["taskset", "-c", args.client_core, str(VLLM), "bench", "serve", "--backend", "openai",
+            "--base-url", base_url, "--endpoint", "/v1/completions", "--model", name, "--served-model-name", name,
+            "--tokenizer", str(model_dir), "--dataset-name", "random", "--random-input-len", str(args.input_len),
+            "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts), "--temperature", "0",
+            "--ignore-eos", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(result_dir),
+            "--result-filename", filename, *load]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.client_timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                           f"{result.stderr[-3000:]}")
+    data = json.loads((result_dir / filename).read_text())
+    if data.get("completed") != num_prompts:
+        raise RuntimeError(f"{tag}: {data.get('completed')} of {num_prompts} requests completed:\n"
+                           f"{result.stdout[-3000:]}")
+    return data
+
+
+def drive(side: str, base_url: str, name: str, model_dir: Path, args, result_dir: Path) -> dict[str, dict]:
+    bench_serve(base_url, name, model_dir, args, ["--max-concurrency", "2"], 4, result_dir, f"{side}-warmup",
+                args.seed + 1000)
+    figures = {}
+    for label, load in LOADS:
+        figures[label] = bench_serve(base_url, name, model_dir, args, load, args.num_prompts, result_dir,
+                                     f"{side}-{label}", args.seed)
+        f = figures[label]
+        print(f"  {side} {label}: {f['output_throughput']:.1f} tok/s, TTFT mean {f['mean_ttft_ms']:.1f} ms, "
+              f"TPOT mean {f['mean_tpot_ms']:.2f} ms", file=sys.stderr, flush=True)
+    return figures
+
+
+def print_table(args, sides: list[str], results: dict[str, dict[str, dict]]) -> None:
+    cleave_sides = [s for s in sides if s != "vllm"]
+    print(f"{args.model}: `vllm bench serve` random {args.input_len} in / {args.output_len} out, "
+          f"{args.num_prompts} prompts, temperature 0, ignore_eos; servers on core {args.server_core}, "
+          f"client on core {args.client_core}; {os.cpu_count()} cores")
+    head = f"{'load':<9} | {'metric':<13} | " + " | ".join(f"{s:>9}" for s in sides)
+    head += "".join(f" | {s + '/vllm':>12}" for s in cleave_sides)
+    print(head)
+    for label, _ in LOADS:
+        for key, metric, _ in METRICS:
+            row = f"{label:<9} | {metric:<13} | " + " | ".join(f"{results[s][label][key]:>9.2f}" for s in sides)
+            row += "".join(f" | {results[s][label][key] / results['vllm'][label][key]:>11.2f}x" for s in cleave_sides)
+            print(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-moe", help="model-zoo name or model folder")
+    parser.add_argument("--shapes", default="single", help="Cleave shapes, comma-separated: single, disagg")
+    parser.add_argument("--num-prompts", type=int, default=50)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--server-core", default="1", help="taskset core list of each server in turn")
+    parser.add_argument("--client-core", default="0", help="taskset core list of `vllm bench serve`")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-timeout", type=float, default=600, help="seconds for a server to come up")
+    parser.add_argument("--client-timeout", type=float, default=900, help="seconds for one `vllm bench serve`")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = parser.parse_args()
+    if not VLLM.exists():
+        sys.exit(f"{VLLM} is missing: run infra/scripts/vllm.sh install")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the finally blocks
+    from cleave.modelzoo import registry
+
+    model_dir = registry.resolve(args.model)
+    name = Path(args.model).name
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = set(shapes) - {"single", "disagg"}
+    if unknown:
+        sys.exit(f"unknown shapes: {sorted(unknown)}")
+    max_model_len = min(2048, json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    sides = ["vllm", *shapes]
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="cleave-bench-vllm-") as tmp:
+        tmp_path = Path(tmp)
+        for side in sides:  # one server at a time: each has the server core to itself
+            print(f"starting {side} ...", file=sys.stderr, flush=True)
+            if side == "vllm":
+                server = VllmServer(model_dir, name, args.server_core, tmp_path / "vllm.log", max_model_len)
+                try:
+                    server.up(args.server_timeout)
+                    results[side] = drive(side, server.base_url, name, model_dir, args, tmp_path)
+                finally:
+                    print(f"stopping {side} ...", file=sys.stderr, flush=True)
+                    server.down()
+            else:
+                flags = (["--mode", "single", "--num-threads", "1"] if side == "single"
+                         else ["--mode", "disaggregated"])
+                platform = PinnedPlatform(tmp_path / side, model_dir, *flags, served_model_name=name,
+                                          core=args.server_core)
+                try:
+                    platform.up()
+                    results[side] = drive(side, platform.base_url, name, model_dir, args, tmp_path)
+                finally:
+                    print(f"stopping {side} ...", file=sys.stderr, flush=True)
+                    try:
+                        platform.down()
+                    except Exception as exc:  # noqa: BLE001  (report, then go on to the next server)
+                        print(f"stopping {side} failed: {exc}", file=sys.stderr)
+    print_table(args, sides, results)
+    if args.json:
+        print(json.dumps({side: {label: {key: figs[key] for key, _, _ in METRICS} for label, figs in per.items()}
+                          for side, per in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
