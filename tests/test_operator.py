@@ -17,12 +17,10 @@ import asyncio
 import contextlib
 import copy
 import gc
-import http.server
 import itertools
 import json
 import threading
 import os
-import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -41,6 +39,7 @@ import kubernetes  # noqa: E402
 
 from cleave.operator import children, handlers, scaling  # noqa: E402
 from cleave.operator.spec import SpecError, plan_replicas, read_roles  # noqa: E402
+from fake_http import FakeJSONServer  # noqa: E402
 
 CRD_PATH = Path(__file__).resolve().parents[1] / "charts/cleave/crds/llmdeployments.cleave.dev.yaml"
 NS = "serving"
@@ -618,39 +617,19 @@ def test_decide(case: dict[str, Any], expected: tuple | None) -> None:
     assert reason in decision.reason and decision.limited == bool(limited)
 
 
-class FakePrometheus:
+class FakePrometheus(FakeJSONServer):
     """/api/v1/query on 127.0.0.1 answering canned vectors by metric name: a real
     Prometheus cannot be fed a synthetic SLO breach quickly."""
 
     def __init__(self, values: dict[str, float]):
         self.values, self.queries = values, []
-        fake = self
+        super().__init__(self.respond)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0]
-                fake.queries.append(query)
-                result = [{"metric": {}, "value": [0, str(value)]} for name, value in fake.values.items() if name in query]
-                body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> "FakePrometheus":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, path: str, params: dict[str, list[str]]) -> tuple[int, Any]:
+        query = params["query"][0]
+        self.queries.append(query)
+        result = [{"metric": {}, "value": [0, str(value)]} for name, value in self.values.items() if name in query]
+        return 200, {"status": "success", "data": {"resultType": "vector", "result": result}}
 
 
 def test_prometheus_client_reads_the_documented_metrics() -> None:

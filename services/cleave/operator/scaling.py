@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import urllib.parse
-import urllib.request
 from typing import Any, Mapping
+
+from cleave.observability.prometheus_api import PrometheusAPI, PrometheusUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +139,8 @@ class PrometheusClient:
 
     def query(self, expr: str) -> float | None:
         """The query's value (summed over the vector's series); None for an empty vector
-        or NaN. Raises OSError or ValueError when Prometheus cannot answer."""
-        address = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
-        with urllib.request.urlopen(address, timeout=self.timeout) as response:
-            body = json.load(response)
-        if body.get("status") != "success":
-            raise ValueError(f"Prometheus answered {body.get('errorType')}: {body.get('error')}")
-        data = body.get("data") or {}
-        if data.get("resultType") == "scalar":
-            values = [float(data["result"][1])]
-        else:
-            values = [float(series["value"][1]) for series in data.get("result") or ()]
-        values = [value for value in values if not math.isnan(value)]
-        return sum(values) if values else None
+        or NaN. Raises PrometheusUnavailable when Prometheus cannot answer."""
+        return PrometheusAPI(self.url, timeout=self.timeout).query_value(expr)
 
     def quantile(self, metric: str, percentile: float) -> str:
         return (f"histogram_quantile({percentile / 100:g}, "
@@ -170,8 +158,8 @@ class PrometheusClient:
             queries["tpot"] = self.quantile("cleave_router_inter_token_latency_seconds", targets["tpot"].percentile)
         try:
             values = {name: self.query(expr) for name, expr in queries.items()}
-        except (OSError, ValueError) as error:
-            self.error = f"Prometheus at {self.url} cannot be read: {error}"
+        except PrometheusUnavailable as error:
+            self.error = str(error)
             log.warning("%s", self.error)
             return None
         self.error = ""

@@ -1,0 +1,98 @@
+"""cleave.rca.platform without a platform: the Prometheus API client's answers and errors,
+and collect() turning range queries into a metric table, a call graph and PromQL, against
+a fake Prometheus that answers from canned series."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cleave.rca.platform import PrometheusAPI, PrometheusUnavailable, call_graph, collect
+from fake_http import FakeJSONServer
+from local_platform import free_port
+
+START, STEP = 1000.0, 2.0
+ROLES = {"router-0": "router", "prefill-0": "prefill", "decode-0": "decode", "kvstore-0": "kvstore",
+         "expert-0": "expert", "expert-1": "expert"}
+
+
+def up_series() -> list[dict[str, Any]]:
+    """Every target up at every step but kvstore-0, whose target is gone from t=1010 on."""
+    out = []
+    for instance, role in ROLES.items():
+        last = 1008.0 if instance == "kvstore-0" else 1020.0
+        out.append({"metric": {"instance_id": instance, "role": role},
+                    "values": [[t, "1"] for t in np.arange(START, last + 1, STEP)]})
+    return out
+
+
+class FakePrometheus(FakeJSONServer):
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+        super().__init__(self.respond)
+
+    def respond(self, path: str, params: dict[str, list[str]]) -> tuple[int, Any]:
+        query = params.get("query", [""])[0]
+        self.queries.append(query)
+        body: dict[str, Any] = {"status": "success", "data": {"resultType": "matrix", "result": []}}
+        if "syntax error" in query:
+            return 400, {"status": "error", "errorType": "bad_data", "error": "parse error at char 1"}
+        if path.endswith("/label/instance_id/values"):
+            body["data"] = sorted(ROLES)
+        elif query.startswith("max by (instance_id, role) (up"):
+            body["data"]["result"] = up_series()
+        elif "cleave_router_time_to_first_token_seconds_sum" in query:
+            body["data"]["result"] = [{"metric": {"instance_id": "router-0"},
+                                       "values": [[1004, "0.5"], [1006.001, "0.7"], [1100, "9"]]}]
+        elif "cleave_redis_command_seconds_sum" in query:
+            body["data"]["result"] = [{"metric": {}, "values": [[1000, "0.001"]]}]
+        elif path.endswith("/query"):
+            body["data"] = {"resultType": "vector", "result": [
+                {"metric": {"a": "1"}, "value": [1, "2"]}, {"metric": {"a": "2"}, "value": [1, "NaN"]}]}
+        return 200, body
+
+
+def test_client_answers_and_raises_one_exception_type():
+    with FakePrometheus() as prometheus:
+        api = PrometheusAPI(prometheus.url)
+        assert api.query_value("sum(x)") == 2.0
+        assert api.label_values("instance_id", match="up") == sorted(ROLES)
+        with pytest.raises(PrometheusUnavailable, match="bad_data.*parse error"):
+            api.query("syntax error(")
+    with pytest.raises(PrometheusUnavailable, match="cannot be read"):
+        PrometheusAPI(f"http://127.0.0.1:{free_port()}", timeout=2).query("up")
+
+
+def test_collect_builds_table_graph_and_promql():
+    with FakePrometheus() as prometheus:
+        data = collect(prometheus.url, START, 1020.0, STEP)
+    table = data.table
+    assert list(table.time) == [START + STEP * i for i in range(11)]
+    ttft = table.values[:, table.names.index("router-0_ttft_seconds")]
+    # Samples land on the nearest step; one outside the range is dropped.
+    assert ttft[2] == 0.5 and ttft[3] == 0.7 and np.isnan(ttft[[0, 1, 4, 10]]).all()
+    kv_up = table.values[:, table.names.index("kvstore-0_up")]
+    assert list(kv_up) == [1.0] * 5 + [0.0] * 6  # a target gone from discovery is down
+    assert "redis_command_latency_seconds" in table.names and data.roles["redis"] == "redis"
+    assert data.graph["router-0"] == {"prefill-0", "decode-0", "redis"}
+    assert data.graph["decode-0"] == {"kvstore-0", "expert-0", "expert-1", "redis"}
+    assert data.graph["kvstore-0"] == {"redis"} and data.graph["redis"] == set()
+    assert set(data.promql) == set(table.names)
+    assert data.promql["router-0_ttft_seconds"] == (
+        'sum by (instance_id) (rate(cleave_router_time_to_first_token_seconds_sum{job="cleave",instance_id="router-0"}[10s]))'
+        ' / sum by (instance_id) (rate(cleave_router_time_to_first_token_seconds_count{job="cleave",instance_id="router-0"}[10s]))')
+    assert all("$" not in q for q in prometheus.queries)
+
+
+def test_collect_without_targets_or_prometheus_says_why():
+    with pytest.raises(PrometheusUnavailable):
+        collect(f"http://127.0.0.1:{free_port()}", START, 1020.0, STEP, timeout=2)
+    with pytest.raises(ValueError, match="start < end"):
+        collect("http://127.0.0.1:1", 1020.0, START, STEP)
+
+
+def test_call_graph_from_roles():
+    assert call_graph({"router-0": "router", "decode-0": "decode"}) == {
+        "router-0": {"decode-0", "redis"}, "decode-0": {"redis"}, "redis": set()}
