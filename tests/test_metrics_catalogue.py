@@ -10,6 +10,7 @@ from catalogue import ROOT, families
 from cleave.common.engine_metrics import EngineStatsCollector
 from cleave.router.errors import APIError
 from cleave.router.metrics import RouterMetrics
+from cleave.router.plugins.base import Pipeline
 
 DOC = (ROOT / "docs" / "metrics.md").read_text()
 _SUFFIX = {"counter": "_total"}
@@ -70,9 +71,9 @@ class _Chosen:
         self.score = score
 
 
-class _Pipeline:
-    def __init__(self, *weights: float) -> None:
-        self.scorers = [(object(), weight) for weight in weights]
+def _Pipeline(*weights: float) -> Pipeline:
+    # Scorers that never score: only their weights matter to the normalization.
+    return Pipeline([(object(), weight) for weight in weights], picker=None)
 
 
 @pytest.mark.parametrize("score, weights, observed", [(1.5, (2.0, 1.0), 0.5), (3.0, (2.0, 1.0), 1.0), (0.0, (1.0,), 0.0)])

@@ -13,7 +13,6 @@ from cleave.common.registry import (
     AsyncRegistration,
     AsyncRegistry,
     InstanceRecord,
-    Registration,
     Registry,
 )
 
@@ -77,52 +76,87 @@ def test_dead_instance_drops_out_within_ttl_and_is_pruned(registry):
     assert registry.client.smembers("cleave:instances:decode") == {"alive"}
 
 
-def test_heartbeat_keeps_an_instance_alive_past_its_ttl(registry):
-    record = InstanceRecord("prefill", "hb", "127.0.0.1:1")
-    with Registration(registry, record, ttl=0.5, interval=0.05) as registration:
-        started = time.monotonic()
-        # Two TTLs without dropping out once.
-        while time.monotonic() - started < 1.0:
-            assert ids(registry.list_instances("prefill")) == ["hb"]
-            time.sleep(0.02)
-        assert registration.num_heartbeats >= 5
-        assert registration.num_heartbeat_errors == 0
+def registered(redis_url: str, record: InstanceRecord, **kwargs) -> AsyncRegistration:
+    return AsyncRegistration(AsyncRegistry.from_url(redis_url), record, **kwargs)
+
+
+async def await_until(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return value
+
+
+def test_heartbeat_keeps_an_instance_alive_past_its_ttl(registry, redis_url):
+    async def scenario():
+        record = InstanceRecord("prefill", "hb", "127.0.0.1:1")
+        async with registered(redis_url, record, ttl=0.5, interval=0.05) as registration:
+            started = time.monotonic()
+            # Two TTLs without dropping out once.
+            while time.monotonic() - started < 1.0:
+                assert ids(registry.list_instances("prefill")) == ["hb"]
+                await asyncio.sleep(0.02)
+            assert registration.num_heartbeats >= 5
+            assert registration.num_heartbeat_errors == 0
+        await registration.registry.close()
+
+    asyncio.run(scenario())
     # Deregistered at once on stop, not after a TTL.
     assert registry.list_instances("prefill") == []
     assert registry.client.exists("cleave:instance:prefill:hb") == 0
 
 
-def test_update_load_is_published_without_waiting_for_the_next_heartbeat(registry):
-    record = InstanceRecord("decode", "ld", "127.0.0.1:1", load={"free_blocks": 100})
-    with Registration(registry, record, ttl=30) as registration:  # heartbeat every 10 s
-        assert registry.get("decode", "ld").load == {"free_blocks": 100}
-        registration.update_load(free_blocks=7, running=3)
-        wait_until(lambda: registry.get("decode", "ld").load == {"free_blocks": 7, "running": 3}, what="load")
+def test_update_load_is_published_without_waiting_for_the_next_heartbeat(registry, redis_url):
+    async def scenario():
+        record = InstanceRecord("decode", "ld", "127.0.0.1:1", load={"free_blocks": 100})
+        async with registered(redis_url, record, ttl=30) as registration:  # heartbeat every 10 s
+            assert registry.get("decode", "ld").load == {"free_blocks": 100}
+            registration.update_load(free_blocks=7, running=3)
+            await await_until(lambda: registry.get("decode", "ld").load == {"free_blocks": 7, "running": 3},
+                              what="load")
+        await registration.registry.close()
+
+    asyncio.run(scenario())
 
 
-def test_stopped_without_deregister_expires_on_its_own(registry):
-    registration = Registration(registry, InstanceRecord("expert", "e1", "127.0.0.1:1"), ttl=0.3).start()
-    registration.stop(deregister=False)
+def test_stopped_without_deregister_expires_on_its_own(registry, redis_url):
+    async def scenario():
+        registration = await registered(redis_url, InstanceRecord("expert", "e1", "127.0.0.1:1"), ttl=0.3).start()
+        await registration.stop(deregister=False)
+        await registration.registry.close()
+
+    asyncio.run(scenario())
     assert ids(registry.list_instances("expert")) == ["e1"]
     wait_until(lambda: registry.list_instances("expert") == [], what="expiry after a crash-like stop")
 
 
-def test_heartbeat_re_registers_after_its_keys_vanish(redis_url):
+def test_heartbeat_re_registers_after_its_keys_vanish(registry, redis_url):
     # Keys evicted from Redis behind the instance's back (a restart, a FLUSHALL) come
     # back with the next heartbeat.
-    registry = Registry.from_url(redis_url)
-    with Registration(registry, InstanceRecord("router", "r1", "127.0.0.1:1"), ttl=1, interval=0.05):
-        registry.client.flushdb()
-        wait_until(lambda: ids(registry.list_instances("router")) == ["r1"], what="re-registration")
+    async def scenario():
+        async with registered(redis_url, InstanceRecord("router", "r1", "127.0.0.1:1"), ttl=1,
+                              interval=0.05) as registration:
+            registry.client.flushdb()
+            await await_until(lambda: ids(registry.list_instances("router")) == ["r1"], what="re-registration")
+        await registration.registry.close()
+
+    asyncio.run(scenario())
 
 
 def test_unreachable_redis_fails_registration_loudly():
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+    import redis.asyncio as aioredis
 
-    registry = Registry(redis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)))
-    with pytest.raises(redis.ConnectionError):
-        Registration(registry, InstanceRecord("router", "r1", "127.0.0.1:1")).start()
+    async def scenario():
+        client = aioredis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        with pytest.raises(redis.ConnectionError):
+            await AsyncRegistration(AsyncRegistry(client), InstanceRecord("router", "r1", "127.0.0.1:1")).start()
+        await client.aclose()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize(
@@ -138,9 +172,9 @@ def test_bad_records_are_rejected(kwargs, message):
 
 
 @pytest.mark.parametrize("ttl, interval", [(0.01, None), (1.0, 1.0), (1.0, 0.0)])
-def test_bad_ttl_or_interval_is_rejected(registry, ttl, interval):
+def test_bad_ttl_or_interval_is_rejected(redis_url, ttl, interval):
     with pytest.raises(ValueError):
-        Registration(registry, InstanceRecord("decode", "x", "127.0.0.1:1"), ttl=ttl, interval=interval)
+        registered(redis_url, InstanceRecord("decode", "x", "127.0.0.1:1"), ttl=ttl, interval=interval)
 
 
 def test_async_registration_heartbeats_updates_and_deregisters(redis_url):

@@ -276,6 +276,21 @@ def remote_expert_backend(config: WorkerConfig, model_path: str) -> RemoteExpert
 
 
 
+def request_tokens(request_id: str, token_ids: Sequence[int], when_empty: str) -> list[int]:
+    """The token ids of a prefill or decode request; ValueError when it names no request
+    or carries no tokens (``when_empty`` says what the caller should have sent)."""
+    if not request_id:
+        raise ValueError("request_id is required")
+    if not token_ids:
+        raise ValueError(f"token_ids is empty: {when_empty}")
+    return list(token_ids)
+
+
+async def abort_invalid(metrics: "WorkerMetrics", context: grpc.aio.ServicerContext, exc: ValueError) -> None:
+    metrics.requests.labels(outcome="invalid").inc()
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
 async def abort_engine_error(context: grpc.aio.ServicerContext, exc: EngineDeadError | EngineStepError) -> None:
     """UNAVAILABLE when the engine is gone or the expert pool failed a step (a later try
     may succeed); INTERNAL for any other failed step."""

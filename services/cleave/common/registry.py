@@ -15,9 +15,9 @@ Redis keys (all prefixed ``cleave:``):
 ``cleave:roles``
     Set of roles with registrations.
 
-Sync code uses :class:`Registry` and :class:`Registration` (a heartbeat thread);
-asyncio code (the grpc.aio services) uses :class:`AsyncRegistry` and
-:class:`AsyncRegistration` (a heartbeat task). Both write the same keys.
+Readers use :class:`Registry` (sync) or :class:`AsyncRegistry`; a service keeps itself
+registered with :class:`AsyncRegistration`, a heartbeat task (every service runs asyncio).
+Both registries read and write the same keys.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -205,81 +204,6 @@ def _heartbeat_interval(ttl: float, interval: float | None) -> float:
 # Load updates wake the heartbeat early, but a caller updating on every engine step must
 # not turn into a Redis write per step.
 MIN_PUBLISH_INTERVAL = 0.05
-
-
-class Registration:
-    """Keeps one instance registered from a background thread.
-
-    ``update_load`` only records the new load and wakes the thread, so callers on a hot
-    path never wait on Redis. Use as a context manager, or ``start()``/``stop()``.
-    """
-
-    def __init__(
-        self, registry: Registry, record: InstanceRecord, ttl: float = DEFAULT_TTL_SECONDS,
-        interval: float | None = None,
-    ) -> None:
-        _validate_ttl(ttl)
-        self.registry = registry
-        self.record = record
-        self.ttl = ttl
-        self.interval = _heartbeat_interval(ttl, interval)
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.num_heartbeats = 0
-        self.num_heartbeat_errors = 0
-
-    def start(self) -> "Registration":
-        """Register now (raising if Redis is unreachable), then heartbeat in the background."""
-        self._publish()
-        self._thread = threading.Thread(target=self._run, name=f"registry-{self.record.instance_id}", daemon=True)
-        self._thread.start()
-        return self
-
-    def update_load(self, **load: Any) -> None:
-        with self._lock:
-            self.record.load.update(load)
-        self._wake.set()
-
-    def stop(self, deregister: bool = True) -> None:
-        """Stop heartbeating; with ``deregister`` the instance disappears at once
-        rather than after its TTL."""
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            # Joined before deregistering, so that a heartbeat in flight cannot land
-            # after the delete and bring the instance back for a TTL.
-            self._thread.join()
-            self._thread = None
-        if deregister:
-            self.registry.deregister(self.record.role, self.record.instance_id)
-
-    def __enter__(self) -> "Registration":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _publish(self) -> None:
-        with self._lock:
-            snapshot = InstanceRecord(**asdict(self.record))
-        self.registry.register(snapshot, self.ttl)
-        self.num_heartbeats += 1
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            if self._stopping.is_set():
-                return
-            try:
-                self._publish()
-            except redis.RedisError as exc:
-                self.num_heartbeat_errors += 1
-                log.warning("heartbeat failed", extra={"instance_id": self.record.instance_id, "error": str(exc)})
-            if self._stopping.wait(MIN_PUBLISH_INTERVAL):
-                return
 
 
 class AsyncRegistration:

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from cleave.common.kv_handoff import WorkerServer, abort_engine_error
+from cleave.common.kv_handoff import WorkerServer, abort_engine_error, abort_invalid, request_tokens
 from cleave.common.wire import FINISH_REASONS, params_from_proto
 from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import decode_pb2 as pb
@@ -30,11 +30,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         engine = server.engine.engine
         started = time.perf_counter()
         try:
-            if not request.request_id:
-                raise ValueError("request_id is required")
-            if not request.token_ids:
-                raise ValueError("token_ids is empty: send the prompt and the tokens generated so far")
-            token_ids = list(request.token_ids)
+            token_ids = request_tokens(request.request_id, request.token_ids,
+                                       "send the prompt and the tokens generated so far")
             if request.num_generated < 1:
                 raise ValueError("num_generated must be >= 1: decode continues a prefilled request")
             params = params_from_proto(request.params)
@@ -48,8 +45,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 )
             stores = server.handoff.resolve(request.kvstore_targets)
         except ValueError as exc:
-            metrics.requests.labels(outcome="invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort_invalid(metrics, context, exc)
 
         # Named blocks are known to be stored; without names the index is asked for all.
         wanted = hashes[: len(given)] if given else hashes

@@ -51,10 +51,8 @@ class RequestEvents:
         self.emit("rejected", request_id, status=error.status_code, reason=error.code or error.type)
 
     def routed(self, request_id: str, role: str, chosen, pipeline) -> None:
-        total_weight = sum(weight for _, weight in pipeline.scorers)
-        score = min(max(chosen.score / total_weight, 0.0), 1.0) if total_weight > 0 else None
         self.emit("routed", request_id, target_role=role, target_instance_id=chosen.instance_id,
-                  pipeline=pipeline.spec, score=score)
+                  pipeline=pipeline.spec, score=pipeline.normalized_score(chosen))
 
     def prefill_done(self, request_id: str, instance_id: str, cached_tokens: int, seconds: float) -> None:
         self.emit("prefill_done", request_id, prefill_instance_id=instance_id, cached_tokens=cached_tokens,

@@ -49,7 +49,14 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.metrics.rejected.labels(code=code.name).inc()
+        # Blocks a put stream completed before its error stay stored: the caller hears of
+        # the error only once the index names them too.
+        await self._flush_index()
         await context.abort(code, message)
+
+    async def _flush_index(self) -> None:
+        if self.index is not None and not await self.index.flush():
+            self.metrics.index_errors.inc()
 
     async def PutBlocks(self, request_iterator: AsyncIterator[pb.PutBlocksRequest], context) -> pb.PutBlocksResponse:
         started = time.perf_counter()
@@ -110,9 +117,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             if block_hash is not None:
                 await self._abort(context, invalid, f"the stream ended inside block {block_hash} (no chunk with last set)")
         finally:
-            # Blocks completed before an error stay stored, so they are indexed too.
-            if self.index is not None and not await self.index.flush():
-                self.metrics.index_errors.inc()
+            await self._flush_index()
             self.metrics.transfer_seconds.labels(op="put").observe(time.perf_counter() - started)
             if stored and self.on_change is not None:
                 self.on_change()

@@ -9,7 +9,7 @@ import time
 
 import grpc
 
-from cleave.common.kv_handoff import WorkerServer, abort_engine_error
+from cleave.common.kv_handoff import WorkerServer, abort_engine_error, abort_invalid, request_tokens
 from cleave.common.wire import FINISH_REASONS, params_from_proto
 from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import common_pb2
@@ -32,19 +32,14 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         engine = server.engine.engine
         started = time.perf_counter()
         try:
-            if not request.request_id:
-                raise ValueError("request_id is required")
-            if not request.token_ids:
-                raise ValueError("token_ids is empty: nothing to prefill")
-            prompt = list(request.token_ids)
+            prompt = request_tokens(request.request_id, request.token_ids, "nothing to prefill")
             params = params_from_proto(request.params)
             # The prefill pool only ever holds prompt + 1 token; decode checks the rest.
             engine_params = dataclasses.replace(params, max_tokens=1)
             engine.validate(prompt, engine_params)
             stores = server.handoff.resolve(request.kvstore_targets)
         except ValueError as exc:
-            metrics.requests.labels(outcome="invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort_invalid(metrics, context, exc)
 
         hashes = engine.block_hashes(prompt)
         fetched = await server.handoff.import_prefix(server.engine, hashes, prompt, stores)
@@ -60,8 +55,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                     self.num_queued_prompt_tokens -= len(prompt)
                     queued = False
         except ValueError as exc:
-            metrics.requests.labels(outcome="invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort_invalid(metrics, context, exc)
         except (EngineDeadError, EngineStepError) as exc:
             metrics.requests.labels(outcome="error").inc()
             await abort_engine_error(context, exc)

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from cleave.rca.changepoint import detect_anomaly_time
-from cleave.rca.datasets import _read_edges
 from cleave.rca.rankers import RANKERS
-from cleave.rca.timeseries import MetricsError, load_csv
+from cleave.rca.timeseries import MetricsError, load_csv, read_edges
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         graph = None
         if args.graph:
             try:
-                graph = _read_edges(args.graph)
+                graph = read_edges(args.graph)
             except (OSError, KeyError) as exc:
                 raise MetricsError(f"cannot read graph {args.graph}: {exc}") from None
     except MetricsError as exc:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cleave.rca.timeseries import MetricTable
+from cleave.rca.timeseries import Graph, MetricTable, read_edges
 
 DEFAULT_ROOTS = {
     "nezha": "../shared/datasets/rca/nezha-online-boutique",
@@ -34,8 +34,6 @@ DEFAULT_ROOTS = {
 NEZHA_BEFORE_S = 600
 NEZHA_AFTER_S = 300
 NEZHA_SKIP = ("Time", "TimeStamp", "PodName")
-
-Graph = dict[str, set[str]]
 
 
 @dataclass(slots=True)
@@ -89,20 +87,12 @@ def _nezha_day(metric_dir: str) -> MetricTable:
     return MetricTable(times, names, values, "first")
 
 
-def _read_edges(path: Path) -> Graph:
-    graph: Graph = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            graph.setdefault(row["Source"], set()).add(row["Target"])
-    return graph
-
-
 def load_nezha(root: str | Path = DEFAULT_ROOTS["nezha"]) -> list[RcaCase]:
     root = _require(Path(root), "nezha")
     cases = []
     for day in sorted(p for p in (root / "rca_data").iterdir() if p.is_dir()):
         table = _nezha_day(str(day / "metric"))
-        graph = _read_edges(day / "metric" / "dependency.csv")
+        graph = read_edges(day / "metric" / "dependency.csv")
         faults = json.loads((day / f"{day.name}-fault_list.json").read_text())
         for hour in sorted(faults):
             for fault in faults[hour]:

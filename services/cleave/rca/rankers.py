@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cleave.rca.timeseries import MetricTable
-
-Graph = dict[str, set[str]]
+from cleave.rca.timeseries import Graph, MetricTable
 
 
 @dataclass(slots=True)

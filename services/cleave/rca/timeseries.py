@@ -19,6 +19,9 @@ import numpy as np
 
 TIME_COLUMNS = ("time", "timestamp")
 
+# caller -> callees, by component name
+Graph = dict[str, set[str]]
+
 
 class MetricsError(ValueError):
     """The metrics input cannot be used; the message says why."""
@@ -117,3 +120,12 @@ def load_csv(path: str | Path, split: str = "first") -> MetricTable:
     if len(times) < 3:
         raise MetricsError(f"{path} has {len(times)} rows; at least 3 are needed")
     return MetricTable(np.array(times), [header[j] for j in series_cols], np.array(values), split)
+
+
+def read_edges(path: str | Path) -> Graph:
+    """A call graph from a CSV with ``Source`` (caller) and ``Target`` (callee) columns."""
+    graph: Graph = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            graph.setdefault(row["Source"], set()).add(row["Target"])
+    return graph

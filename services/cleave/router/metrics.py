@@ -110,9 +110,9 @@ class RouterMetrics:
     def observe_route(self, role: str, chosen, pipeline) -> None:
         """Count one routing decision; its score too when the pipeline has scorers."""
         self.routed.labels(role, chosen.instance_id).inc()
-        total_weight = sum(weight for _, weight in pipeline.scorers)
-        if total_weight > 0:
-            self.routing_score.labels(role).observe(min(max(chosen.score / total_weight, 0.0), 1.0))
+        score = pipeline.normalized_score(chosen)
+        if score is not None:
+            self.routing_score.labels(role).observe(score)
 
     def count_rejection(self, error):
         """Count a refused request (429 or 503) by reason; returns ``error`` for ``raise``."""

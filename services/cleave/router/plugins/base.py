@@ -133,6 +133,12 @@ class Pipeline:
             scorer.observe(ctx, chosen)
         return chosen
 
+    def normalized_score(self, chosen: Candidate) -> float | None:
+        """The chosen candidate's score over the scorers' total weight, in [0, 1]; None
+        when the pipeline has no scorers (round-robin)."""
+        total_weight = sum(weight for _, weight in self.scorers)
+        return min(max(chosen.score / total_weight, 0.0), 1.0) if total_weight > 0 else None
+
     def describe(self) -> dict[str, Any]:
         return {
             "filters": [f.name for f in self.filters],
