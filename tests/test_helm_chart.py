@@ -309,6 +309,7 @@ BAD_VALUES = [
     ("llmDeployment.targets.ttft.percentile=20", "percentile"),
     ("operator.watchNamespaces[0]=Bad_Name", "watchNamespaces"),
     ("metrics.serviceMonitor.interval=often", "interval"),
+    ("operator.prometheusUrl=prometheus:9090", "prometheusUrl"),
 ]
 
 
@@ -344,8 +345,7 @@ def test_dockerfile_pins_what_the_project_pins_and_runs_non_root():
     assert values["model"]["path"] in dockerfile
 
 
-@pytest.mark.parametrize("label", VALUE_SETS)
-def test_notes_tell_the_user_what_to_do_next(label, tmp_path):
+def render_notes(tmp_path: Path, values: Path | None = None, *sets: str) -> str:
     # `helm template` skips NOTES.txt and `helm install --dry-run` needs a cluster: render
     # a copy of the chart in which NOTES.txt is a named template, printed into a YAML string.
     chart = tmp_path / "cleave"
@@ -355,11 +355,18 @@ def test_notes_tell_the_user_what_to_do_next(label, tmp_path):
     (chart / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}' + notes_source + "{{- end -}}")
     (chart / "templates" / "notes.yaml").write_text('notes: {{ include "notes" . | toJson }}\n')
     args = ["template", "cleave", str(chart), "--show-only", "templates/notes.yaml"]
-    if VALUE_SETS[label] is not None:
-        args += ["-f", str(VALUE_SETS[label])]
+    if values is not None:
+        args += ["-f", str(values)]
+    for item in sets:
+        args += ["--set", item]
     result = run_helm(*args)
     assert result.returncode == 0, result.stderr
-    notes = yaml.safe_load(result.stdout)["notes"]
+    return yaml.safe_load(result.stdout)["notes"]
+
+
+@pytest.mark.parametrize("label", VALUE_SETS)
+def test_notes_tell_the_user_what_to_do_next(label, tmp_path):
+    notes = render_notes(tmp_path, VALUE_SETS[label])
     values = yaml.safe_load(VALUE_SETS[label].read_text()) if VALUE_SETS[label] else {}
     model = (values.get("model") or {}).get("name", "smollm2-135m-instruct")
     assert "port-forward svc/" in notes and "/v1/completions" in notes and f'"model": "{model}"' in notes
@@ -369,3 +376,19 @@ def test_notes_tell_the_user_what_to_do_next(label, tmp_path):
     routers |= {f"{o['metadata']['name']}-router" for o in lds}  # the operator names it <name>-router
     (router,) = re.findall(r"port-forward svc/(\S+)", notes)
     assert router in routers
+
+
+def operator_env(objects) -> dict[str, str]:
+    (operator,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator")]
+    return {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_operator_gets_the_prometheus_url_and_notes_warn_without_it(tmp_path):
+    assert "CLEAVE_PROMETHEUS_URL" not in operator_env(render())
+    url = "http://prometheus-operated.monitoring:9090"
+    assert operator_env(render(None, f"operator.prometheusUrl={url}"))["CLEAVE_PROMETHEUS_URL"] == url
+    autoscaling = "llmDeployment.autoscaling.policy.enabled=true"
+    assert "operator.prometheusUrl is empty" in render_notes(tmp_path / "no-url", None, autoscaling)
+    assert "operator.prometheusUrl" not in render_notes(tmp_path / "url", None, autoscaling,
+                                                        f"operator.prometheusUrl={url}")
+    assert "operator.prometheusUrl" not in render_notes(tmp_path / "off")
