@@ -60,7 +60,9 @@ class Platform:
         ]
         # Prometheus and Alertmanager only where a test asks for them.
         self.prometheus_port = free_port() if prometheus else None
-        self.flags += (["--prometheus-port", str(self.prometheus_port), "--alertmanager-port", str(free_port())]
+        self.agent_port = free_port() if prometheus else None
+        self.flags += (["--prometheus-port", str(self.prometheus_port), "--alertmanager-port", str(free_port()),
+                        "--agent-port", str(self.agent_port)]
                        if prometheus else ["--no-prometheus"])
         if "--kafka-port" not in flags:
             self.flags.append("--no-events")  # a Kafka broker only where a test asks for one

@@ -156,7 +156,7 @@ def poll(fn, expected, timeout: float = 60.0):
 EXPECTED_UP = {
     ("cleave", "router", "router-0"), ("cleave", "prefill", "prefill-0"), ("cleave", "decode", "decode-0"),
     ("cleave", "decode", "decode-1"), ("cleave", "kvstore", "kvstore-0"),
-    ("prometheus", None, None), ("alertmanager", None, None),
+    ("prometheus", None, None), ("alertmanager", None, None), ("agent", None, None),
 }
 EXPERTS_UP = {("cleave", "expert", "expert-0"), ("cleave", "expert", "expert-1")}
 
@@ -175,7 +175,7 @@ def test_every_service_is_an_up_target(platform):
 
 
 def test_counters_answer_promql_with_the_requests_sent(platform):
-    poll(lambda: len(query(platform, 'up{job="cleave"} == 1')), len(platform.expected_up) - 2)
+    poll(lambda: len(query(platform, 'up{job="cleave"} == 1')), len(platform.expected_up) - 3)
     vocab_size = json.loads((platform.model / "config.json").read_text())["vocab_size"]
     prompts = mixed_prompts(vocab_size, NUM_REQUESTS, seed=11, min_len=40, max_len=60)
     for prompt in prompts:

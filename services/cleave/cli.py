@@ -22,6 +22,9 @@ SUBCOMMANDS = {
     "events": "cleave.events.consumer",
     "rca": "cleave.rca.cli",
     "rca-eval": "cleave.rca.evaluate",
+    "fault": "cleave.rca.faults",
+    "diagnose": "cleave.rca.diagnose",
+    "agent": "cleave.rca.service",
 }
 
 

@@ -358,9 +358,10 @@ def redis_server_binary() -> str:
 def platform_specs(args: argparse.Namespace, model_path: Path, extra: list[str]) -> list[list[ProcessSpec]]:
     """The processes of the embedded platform, in tiers of start order."""
     from cleave.observability.prometheus import prometheus_tiers
+    from cleave.rca.service import agent_tiers
 
     specs = single_specs if args.mode == "single" else disaggregated_specs
-    return specs(args, model_path, extra) + prometheus_tiers(args)
+    return specs(args, model_path, extra) + prometheus_tiers(args) + agent_tiers(args)
 
 
 def ports_taken(tiers: list[list[ProcessSpec]], args: argparse.Namespace) -> list[str]:
@@ -434,6 +435,8 @@ def print_ready(started: list[ProcessState]) -> None:
         extra += f"\n  instances  {state.info['admin']}  (or: cleave status)"
     if prometheus := next((s for s in started if s.name == "prometheus"), None):
         extra += f"\n  Prometheus {prometheus.info['url']}  (config {prometheus.info['config']})"
+    if agent := next((s for s in started if s.name == "agent"), None):
+        extra += f"\n  ops agent  {agent.info['diagnoses']}  (alerts arrive at {agent.info['webhook']}; or: cleave diagnose)"
     if kafka := next((s for s in started if s.name == "kafka"), None):
         extra += f"\n  events     {kafka.info['url']}  (topic {kafka.info['topic']}; cleave events --bootstrap {kafka.info['url']})"
     print(
@@ -560,6 +563,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--prometheus-port", type=int, default=9090, help="Prometheus on 127.0.0.1")
         parser.add_argument("--alertmanager-port", type=int, default=9093, help="Alertmanager on 127.0.0.1")
         parser.add_argument("--no-prometheus", action="store_true", help="start neither Prometheus nor Alertmanager")
+        parser.add_argument("--agent-port", type=int, default=8090, help="the ops agent (cleave agent) on 127.0.0.1")
+        parser.add_argument("--no-agent", action="store_true",
+                            help="no ops agent; Alertmanager then notifies no one (also implied by --no-prometheus)")
     elif command == "down":
         parser.description = "Stop every process `cleave up` started."
         parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait before SIGKILL")

@@ -7,7 +7,8 @@ instance is scraped from its registration on and dropped when its record expires
 the router is away, Prometheus keeps the targets it last discovered. Rules are the
 repository's ``infra/prometheus/rules/*.yml`` as found at start (``*_test.yml``, promtool's
 unit tests, left out; ``POST /-/reload`` re-reads them); alerts go to the local Alertmanager,
-whose only receiver (``null``) sends nothing anywhere: alerts are seen in its UI and API."""
+whose receiver is the ops agent's webhook (``cleave agent``, ``POST /alerts``), or, with
+``--no-agent``, ``null``, which sends nothing anywhere: alerts are then only seen in its UI and API."""
 
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ def rule_files(rules_dir: Path = RULES_DIR) -> list[str]:
 
 
 def prometheus_config(sd_url: str | None, static_targets: list[str], prometheus_address: str,
-                      alertmanager_address: str, rules: list[str]) -> dict[str, Any]:
+                      alertmanager_address: str, rules: list[str], agent_address: str | None = None) -> dict[str, Any]:
     """Scrape what ``sd_url`` lists (HTTP SD) and ``static_targets`` as job ``cleave``,
-    Prometheus and Alertmanager themselves, every ``SCRAPE_INTERVAL``."""
+    Prometheus and Alertmanager themselves and the ops agent (job ``agent``) if there is one,
+    every ``SCRAPE_INTERVAL``."""
     cleave_job: dict[str, Any] = {"job_name": SD_JOB}
     if sd_url is not None:
         cleave_job["http_sd_configs"] = [{"url": sd_url, "refresh_interval": SCRAPE_INTERVAL}]
@@ -50,16 +52,23 @@ def prometheus_config(sd_url: str | None, static_targets: list[str], prometheus_
             cleave_job,
             {"job_name": "prometheus", "static_configs": [{"targets": [prometheus_address]}]},
             {"job_name": "alertmanager", "static_configs": [{"targets": [alertmanager_address]}]},
+            *([{"job_name": "agent", "static_configs": [{"targets": [agent_address]}]}] if agent_address else []),
         ],
     }
 
 
-def alertmanager_config() -> dict[str, Any]:
-    """Every alert grouped by name and role into the ``null`` receiver, which notifies no one."""
+def alertmanager_config(agent_webhook: str | None = None) -> dict[str, Any]:
+    """Every alert grouped by name and role into the ops agent's webhook (``cleave-agent``;
+    resolved alerts are not sent, the agent only diagnoses firing ones), or without one into
+    the ``null`` receiver, which notifies no one."""
+    if agent_webhook is None:
+        receiver = {"name": "null"}
+    else:
+        receiver = {"name": "cleave-agent", "webhook_configs": [{"url": agent_webhook, "send_resolved": False}]}
     return {
-        "route": {"receiver": "null", "group_by": ["alertname", "role"], "group_wait": "10s",
+        "route": {"receiver": receiver["name"], "group_by": ["alertname", "role"], "group_wait": "10s",
                   "group_interval": "1m", "repeat_interval": "4h"},
-        "receivers": [{"name": "null"}],
+        "receivers": [receiver],
     }
 
 
@@ -93,9 +102,12 @@ def prometheus_tiers(args: argparse.Namespace) -> list[list[ProcessSpec]]:
     router = f"{client_host(args.host)}:{args.port}"
     single = args.mode == "single"
     sd_url = None if single else f"http://{router}/admin/prometheus-targets"
+    # Namespaces built by hand (tests) may not know the agent's flags: no agent then.
+    agent = None if getattr(args, "no_agent", True) else f"{LOOPBACK}:{args.agent_port}"
     prometheus_yml = write_yaml(home / "prometheus.yml", prometheus_config(
-        sd_url, [router] if single else [], prometheus_address, alertmanager_address, rule_files()))
-    alertmanager_yml = write_yaml(home / "alertmanager.yml", alertmanager_config())
+        sd_url, [router] if single else [], prometheus_address, alertmanager_address, rule_files(), agent))
+    alertmanager_yml = write_yaml(home / "alertmanager.yml",
+                                  alertmanager_config(f"http://{agent}/alerts" if agent else None))
     prometheus = ProcessSpec(
         "prometheus",
         [binary("prometheus"), f"--config.file={prometheus_yml}", f"--storage.tsdb.path={home / 'data'}",
