@@ -25,6 +25,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral_hd64_dir(tmp_path_factory) -> Path:
+    """tiny-mixtral with hidden 256 and heads of 64 (the peer benchmark's model)."""
+    from cleave.modelzoo import tiny
+
+    return tiny.build("mixtral", tmp_path_factory.mktemp("tiny-mixtral-hd64"), seed=0, **tiny.MIXTRAL_HD64)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The converted SmolLM2-135M-Instruct folder (float32 Llama)."""
     from cleave.modelzoo import registry

@@ -11,14 +11,14 @@ from cleave.engine.config import EngineConfig
 from cleave.engine.llm_engine import LLMEngine
 from reference import assert_greedy_equal, load_hf, mixed_prompts
 
-FAMILIES = ["llama", "qwen2", "mixtral", "qwen2_moe"]
+FAMILIES = ["llama", "qwen2", "mixtral", "qwen2_moe", "mixtral_hd64"]
 MAX_NEW = 24
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request, tiny_models):
-    path = tiny_models[request.param]
+    path = tiny_models.get(request.param) or request.getfixturevalue("tiny_mixtral_hd64_dir")
     return path, load_hf(path)
 
 

@@ -202,10 +202,11 @@ def test_tiny_build_is_deterministic(tiny_models, tmp_path):
     assert (other / "model.safetensors").read_bytes() != (tiny_models["llama"] / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_tiny_greedy_output_is_varied_with_clear_margins(tiny_models, family):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
-    tokenizer = Tokenizer.from_pretrained(tiny_models[family])
+@pytest.mark.parametrize("family", [*tiny.FAMILIES, "mixtral_hd64"])
+def test_tiny_greedy_output_is_varied_with_clear_margins(tiny_models, family, request):
+    path = tiny_models.get(family) or request.getfixturevalue("tiny_mixtral_hd64_dir")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_pretrained(path)
     prompts = ["Hello world", "The capital of France is", "def fibonacci(n):", "Once upon a time",
                "SELECT name FROM", "The river ran quietly", "1 2 3 4", "Pip wanted to paint"]
     distinct, gaps, outputs = [], [], set()
@@ -292,7 +293,7 @@ def test_resolve_paths_and_unknown_names(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as info:
         registry.resolve("no-such-model")
     for name in ("smollm2-135m-instruct", "smollm2-moe", "tiny-llama", "tiny-qwen2", "tiny-mixtral",
-                 "tiny-qwen2-moe"):
+                 "tiny-mixtral-hd64", "tiny-qwen2-moe"):
         assert name in str(info.value)
         assert name in registry.list_models()
 
@@ -302,6 +303,15 @@ def test_registry_builds_a_real_tiny_model(monkeypatch, tmp_path, tiny_models):
     path = registry.resolve("tiny-qwen2-moe")
     assert (path / "model.safetensors").read_bytes() == (tiny_models["qwen2_moe"] / "model.safetensors").read_bytes()
     assert Tokenizer.from_pretrained(path).encode("hi")
+
+
+def test_registry_builds_the_head_dim_64_mixtral(monkeypatch, tmp_path, tiny_mixtral_hd64_dir):
+    monkeypatch.setenv("CLEAVE_HOME", str(tmp_path))
+    path = registry.resolve("tiny-mixtral-hd64")
+    config = json.loads((path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["head_dim"]) == (256, 4, 64)
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 8
+    assert (path / "model.safetensors").read_bytes() == (tiny_mixtral_hd64_dir / "model.safetensors").read_bytes()
 
 
 def test_cli_list_build_path(fake_model, capsys):

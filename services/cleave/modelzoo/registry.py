@@ -44,11 +44,11 @@ def _build_smollm2_moe(out: Path) -> None:
     moe_from_dense.convert(dense, out, progress=_say)
 
 
-def _tiny_builder(family: str) -> Callable[[Path], None]:
+def _tiny_builder(family: str, variant: str = "") -> Callable[[Path], None]:
     def build(out: Path) -> None:
         from . import tiny
 
-        tiny.build(family, out, seed=0)
+        tiny.build(family, out, seed=0, **(getattr(tiny, variant) if variant else {}))
 
     return build
 
@@ -66,6 +66,9 @@ _SPECS = [
               _tiny_builder("qwen2"), needs_transformers=True),
     ModelSpec("tiny-mixtral", "random Mixtral: 2 layers, 8 experts, top-2",
               _tiny_builder("mixtral"), needs_transformers=True),
+    ModelSpec("tiny-mixtral-hd64",
+              "random Mixtral: 2 layers, hidden 256, 4 heads of 64 (vLLM's CPU attention serves it), 8 experts top-2",
+              _tiny_builder("mixtral", "MIXTRAL_HD64"), needs_transformers=True),
     ModelSpec("tiny-qwen2-moe", "random Qwen2-MoE: 2 layers, 8 experts top-2 plus a gated shared expert",
               _tiny_builder("qwen2_moe"), needs_transformers=True),
 ]

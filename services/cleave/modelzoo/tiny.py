@@ -97,6 +97,12 @@ Les élèves étudient à l'école. Der Fluß ist schön. El niño comió una ma
 _DENSE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, max_position_embeddings=2048, hidden_act="silu")
 
+# tiny-mixtral with heads of 64: vLLM 0.32's CPU attention has no kernel for head_dim 16
+# ("Unsupported CPU attention configuration: head_dim=16"), so the peer benchmark
+# (bench/peer_vllm.py) needs a checkpoint both engines can serve.
+MIXTRAL_HD64 = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                    intermediate_size=256)
+
 
 def _require_transformers():
     try:
@@ -154,7 +160,7 @@ def build_tokenizer(out_dir: str | Path) -> dict[str, int]:
     return ids
 
 
-def _config(family: str, vocab_size: int, ids: dict[str, int]):
+def _config(family: str, vocab_size: int, ids: dict[str, int], dims: dict):
     transformers = _require_transformers()
     common = dict(
         _DENSE,
@@ -165,18 +171,19 @@ def _config(family: str, vocab_size: int, ids: dict[str, int]):
         rms_norm_eps=1e-6,
     )
     if family == "llama":
-        return transformers.LlamaConfig(**common, intermediate_size=128, tie_word_embeddings=True,
+        return transformers.LlamaConfig(**{**common, "intermediate_size": 128, **dims}, tie_word_embeddings=True,
                                         rope_theta=10000.0)
     if family == "qwen2":
-        return transformers.Qwen2Config(**common, intermediate_size=128, tie_word_embeddings=False,
+        return transformers.Qwen2Config(**{**common, "intermediate_size": 128, **dims}, tie_word_embeddings=False,
                                         rope_theta=1_000_000.0, use_sliding_window=False)
     if family == "mixtral":
-        return transformers.MixtralConfig(**common, intermediate_size=64, num_local_experts=8,
+        return transformers.MixtralConfig(**{**common, "intermediate_size": 64, **dims}, num_local_experts=8,
                                           num_experts_per_tok=2, tie_word_embeddings=False,
                                           rope_theta=10000.0, sliding_window=None)
     if family == "qwen2_moe":
         return transformers.Qwen2MoeConfig(
-            **common, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            **{**common, "intermediate_size": 128, "moe_intermediate_size": 32,
+               "shared_expert_intermediate_size": 64, **dims},
             num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
             mlp_only_layers=[], tie_word_embeddings=False, rope_theta=1_000_000.0, use_sliding_window=False,
         )
@@ -212,9 +219,11 @@ def _init_weights(model, seed: int) -> None:
             param.copy_(value.to(param.dtype))
 
 
-def build(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+def build(family: str, out_dir: str | Path, seed: int = 0, **dims) -> Path:
     """Write a tiny ``family`` checkpoint (config, safetensors weights, tokenizer and
-    generation config) into ``out_dir``. The same seed gives byte-identical files."""
+    generation config) into ``out_dir``; ``dims`` override its sizes (hidden_size,
+    head_dim, intermediate_size, ...: e.g. :data:`MIXTRAL_HD64`). The same seed and
+    sizes give byte-identical files."""
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES)}")
     transformers = _require_transformers()
@@ -225,7 +234,7 @@ def build(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer
 
     vocab_size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-    config = _config(family, vocab_size, ids)
+    config = _config(family, vocab_size, ids, dims)
     config.architectures = [_ARCHITECTURES[family]]
     config.dtype = "float32"
     torch.manual_seed(seed)
