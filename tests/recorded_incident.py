@@ -29,11 +29,11 @@ ROOT_CAUSE = "kvstore-0"
 
 
 class Incident:
-    """The samples of every series between ``fault - BEFORE`` and ``fault + AFTER``."""
+    """The samples of every series between ``fault - BEFORE`` and ``fault + after``."""
 
-    def __init__(self, fault: float, seed: int = 7) -> None:
+    def __init__(self, fault: float, seed: int = 7, after: float = AFTER) -> None:
         self.fault = fault
-        self.times = np.arange(fault - BEFORE, fault + AFTER + STEP / 2, STEP)
+        self.times = np.arange(fault - BEFORE, fault + after + STEP / 2, STEP)
         self.rng = np.random.default_rng(seed)
         self.series: dict[str, list[tuple[dict[str, str], np.ndarray]]] = {}
 

@@ -43,8 +43,11 @@ AFTER_FAULT = 200.0  # the window ends this long after the fault
 
 @pytest.fixture(scope="module")
 def incident(tmp_path_factory) -> RecordedPrometheus:
-    fault = float(int(time.time() - 3600) // 2 * 2)
-    prometheus = RecordedPrometheus(tmp_path_factory.mktemp("recorded-prometheus"), Incident(fault).build(), free_port())
+    # The fault was 4 minutes ago and the recording goes on 15 minutes into the future, so
+    # that a scheduled diagnosis of "the last window" sees it whenever the test runs.
+    fault = float(int(time.time() - 240) // 2 * 2)
+    recording = Incident(fault, after=240 + 900).build()
+    prometheus = RecordedPrometheus(tmp_path_factory.mktemp("recorded-prometheus"), recording, free_port())
     try:
         yield prometheus.start()
     finally:
@@ -423,13 +426,21 @@ def test_agent_without_prometheus_answers_503_with_the_reason(serve_app):
     assert hook.status_code == 503 and listed == {"diagnoses": []}
 
 
-def test_agent_stops_on_sigterm_with_json_logs(incident):
-    agent = Agent("--prometheus-url", incident.url, "--redis-url", "", "--llm-url", "")
-    start, end = window(incident)
-    assert httpx.post(f"{agent.url}/diagnoses", json={"start": start, "end": end}, timeout=120).status_code == 200
-    code, logs = agent.stop()
+def test_scheduled_diagnosis_then_sigterm_with_json_logs(incident):
+    agent = Agent("--prometheus-url", incident.url, "--redis-url", "", "--llm-url", "", "--interval-seconds", "1")
+
+    def scheduled() -> list[dict]:
+        return [d for d in httpx.get(f"{agent.url}/diagnoses", timeout=10).json()["diagnoses"]
+                if d["trigger"] == "schedule"]
+
+    try:
+        assert wait_until(lambda: len(scheduled()) >= 1, 60, interval=0.2), "no scheduled diagnosis"
+        assert scheduled()[-1]["component"] == ROOT_CAUSE
+    finally:
+        code, logs = agent.stop()
     # uvicorn finishes its shutdown, then lets the signal it caught end the process.
     assert code == -signal.SIGTERM
     assert any(line["msg"] == "Application shutdown complete." for line in logs)
-    [done] = [line for line in logs if line.get("msg") == "diagnosis"]
-    assert done["level"] == "info" and done["summary"].startswith("kvstore-0") and done["trigger"] == "api"
+    done = [line for line in logs if line.get("msg") == "diagnosis"]
+    assert done and done[0]["level"] == "info" and done[0]["summary"].startswith("kvstore-0")
+    assert done[0]["trigger"] == "schedule"
