@@ -27,8 +27,12 @@ import httpx
 import pytest
 import redis
 from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry
 
+from cleave.common.registry import InstanceRecord, Registry
 from cleave.events.broker import broker_argv
+from cleave.events.publisher import EventPublisher
+from cleave.events.schema import make_event
 from cleave.events.consumer import tail
 from cleave.launcher import port_in_use, wait_until
 from cleave.observability.prometheus import alertmanager_config, write_yaml
@@ -336,13 +340,39 @@ def agent(incident, module_redis_url, broker):
         agent.stop()
 
 
+def plant_context(agent, start: float, end: float) -> None:
+    """A registered instance and a scaling decision in Redis, request events on Kafka: two
+    in the window (a failure and a resume) and one before it."""
+    with redis.Redis.from_url(agent.redis_url) as client:
+        Registry(client).register(InstanceRecord("kvstore", ROOT_CAUSE, "127.0.0.1:50060"), ttl=300)
+        client.lpush("cleave:scaling:decisions", json.dumps({"ts": end - 60, "role": "decode", "from": 2, "to": 3}))
+    registry = CollectorRegistry()
+    publisher = EventPublisher(agent.bootstrap, registry=registry)
+    publisher.publish(make_event("failed", "r1", "router", "router-0", error="KV fetch timed out", status=503)
+                      | {"timestamp": end - 30})
+    publisher.publish(make_event("resumed", "r2", "router", "router-0", from_instance_id="decode-0",
+                                 to_instance_id="decode-1", num_generated=3) | {"timestamp": end - 20})
+    publisher.publish(make_event("admitted", "r0", "router", "router-0") | {"timestamp": start - 100})
+    try:
+        assert wait_until(lambda: registry.get_sample_value("cleave_events_sent_total") == 3, 30)
+    finally:
+        publisher.close()
+
+
 def test_agent_diagnoses_on_demand_and_publishes_to_redis_and_kafka(agent, incident):
     start, end = window(incident)
+    plant_context(agent, start, end)
     response = httpx.post(f"{agent.url}/diagnoses", json={"start": start, "end": end}, timeout=120)
     assert response.status_code == 200, response.text
     report = response.json()
     assert report["root_cause"]["component"] == ROOT_CAUSE and report["trigger"]["kind"] == "api"
-    assert report["llm"]["reason"] == DISABLED
+    assert report["llm"]["reason"] == DISABLED and report["errors"] == []
+    context = report["context"]
+    assert [(r["role"], r["instance_id"]) for r in context["registry"]] == [("kvstore", ROOT_CAUSE)]
+    assert context["scaling_decisions"] == [{"ts": end - 60, "role": "decode", "from": 2, "to": 3}]
+    assert context["events"]["count"] == 2 and context["events"]["by_type"] == {"failed": 1, "resumed": 1}
+    assert [e["type"] for e in context["events"]["failed"]] == ["failed", "resumed"]
+    assert context["events"]["failed"][0]["error"] == "KV fetch timed out"
     listed = httpx.get(f"{agent.url}/diagnoses", timeout=10).json()["diagnoses"]
     assert listed[0]["id"] == report["id"] and listed[0]["component"] == ROOT_CAUSE
     assert httpx.get(f"{agent.url}/diagnoses/{report['id']}", timeout=10).json() == report
@@ -444,3 +474,19 @@ def test_scheduled_diagnosis_then_sigterm_with_json_logs(incident):
     done = [line for line in logs if line.get("msg") == "diagnosis"]
     assert done and done[0]["level"] == "info" and done[0]["summary"].startswith("kvstore-0")
     assert done[0]["trigger"] == "schedule"
+
+
+def test_diagnose_publish_pushes_the_digest_and_the_report(agent, incident):
+    result = cleave("diagnose", "--prometheus-url", incident.url, "--end", str(window(incident)[1]), "--no-llm",
+                    "--json", "--quiet", "--publish", "--redis-url", agent.redis_url,
+                    "--events-bootstrap", agent.bootstrap)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    report = json.loads(result.stdout)
+    assert report["trigger"]["kind"] == "cli"
+    with redis.Redis.from_url(agent.redis_url) as client:
+        entry = json.loads(client.lindex(DIAGNOSES_KEY, 0))
+    assert entry == {"ts": report["ts"], "summary": report["summary"], "id": report["id"], "component": ROOT_CAUSE,
+                     "metric": report["root_cause"]["metric"], "chosen_by": "statistics", "trigger": "cli"}
+    published = next((e for e in tail(agent.bootstrap, DIAGNOSES_TOPIC, from_beginning=True, timeout=30)
+                      if e.get("id") == report["id"]), None)
+    assert published == report

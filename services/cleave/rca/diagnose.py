@@ -87,7 +87,11 @@ def publish(report: dict, redis_url: str, bootstrap: str) -> list[str]:
         publisher = EventPublisher(bootstrap, DIAGNOSES_TOPIC, buffer_size=10, registry=registry,
                                    delivery_timeout_seconds=5.0)
         publisher.publish(report)
-        publisher.close(timeout=8.0)
+        # close() gives up on what a producer still connecting has not taken: wait for the ack.
+        deadline = time.monotonic() + 10.0
+        while not registry.get_sample_value("cleave_events_sent_total") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        publisher.close(timeout=5.0)
         if not registry.get_sample_value("cleave_events_sent_total"):
             failed.append(f"Kafka {bootstrap}: the report was not acknowledged")
     return failed

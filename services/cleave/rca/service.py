@@ -262,9 +262,16 @@ def build_app(config: AgentConfig):
         names = sorted({(a.get("labels") or {}).get("alertname", "?") for a in firing})
         trigger = {"kind": "alert", "alerts": names, "detail": payload.get("groupKey", ""),
                    "fingerprints": [alert_key(a) for a in firing]}
-        report = await run_diagnosis(trigger, end - config.window_seconds, end)
-        for alert in firing:
-            seen[alert_key(alert)] = now
+        # Seen from now on: Alertmanager re-sends when a slow diagnosis outlasts its
+        # timeout, and that retry must not start a second one.
+        for key in trigger["fingerprints"]:
+            seen[key] = now
+        try:
+            report = await run_diagnosis(trigger, end - config.window_seconds, end)
+        except APIError:
+            for key in trigger["fingerprints"]:
+                seen.pop(key, None)
+            raise
         alerts.labels("diagnosed").inc(len(firing))
         await keep(report)
         return JSONResponse({"diagnoses": [{"id": report["id"], "summary": report["summary"]}], "skipped": skipped})

@@ -132,12 +132,17 @@ class Tools:
     def _read_events(self, deadline_seconds: float) -> list[dict[str, Any]]:
         """The last ``NUM_EVENTS_PER_PARTITION`` events of every partition, read without a
         consumer group (nobody's offsets move)."""
+        import socket
+
         from kafka import KafkaConsumer, TopicPartition
 
+        # kafka-python waits out its whole timeout for a broker that is not there at all.
+        host, _, port = self.events_bootstrap.split(",")[0].rpartition(":")
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=2).close()
         consumer = KafkaConsumer(bootstrap_servers=self.events_bootstrap.split(","), group_id=None,
                                  enable_auto_commit=False, client_id="cleave-agent",
                                  request_timeout_ms=int(deadline_seconds * 1000) + 1000,
-                                 api_version_auto_timeout_ms=int(deadline_seconds * 1000))
+                                 bootstrap_timeout_ms=int(deadline_seconds * 1000))
         try:
             partitions = consumer.partitions_for_topic(self.events_topic) or set()
             if not partitions:
