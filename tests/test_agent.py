@@ -247,6 +247,16 @@ def test_an_unusable_llm_answer_leaves_the_statistical_ranking(incident, scripte
     assert len(report["llm"]["queries"]) == (2 if "queries" in reason else 0)
 
 
+def test_a_quiet_window_has_no_root_cause_and_asks_no_llm(incident, scripted_llm):
+    fault = incident.incident.fault
+    scripted_llm.requests.clear()
+    report = diagnose(incident.url, fault - 480, fault - 10, anomaly_time=fault - 200, llm=LlmConfig(scripted_llm.url))
+    assert report["root_cause"] is None and report["candidates"] == [] and report["action"] is None
+    assert report["summary"] == "no component deviates from its normal behaviour in the window"
+    assert report["llm"]["used"] is False and report["llm"]["reason"] == "no candidate to investigate"
+    assert scripted_llm.requests == [] and report["rankers"]["ours"]
+
+
 def test_an_unreachable_llm_leaves_the_statistical_ranking(incident):
     port = free_port()
     report = run_with_llm(incident, LlmConfig(f"http://127.0.0.1:{port}/v1", timeout_seconds=5))

@@ -30,7 +30,7 @@ from cleave.rca.tools import Tools
 DIAGNOSES_KEY = "cleave:diagnoses"
 DIAGNOSES_TOPIC = "cleave.diagnoses.v1"
 DIAGNOSES_KEPT = 100
-EVIDENCE_SCALES = 3.0
+EVIDENCE_SCALES = 5.0
 NUM_RANKED = 5
 QUERY_RESULT_CHARS = 1500
 DISABLED = "disabled (--no-llm, or an empty --llm-url)"
@@ -151,6 +151,34 @@ def _query_tool(tools: Tools, at: float) -> Callable[[str], str]:
     return run
 
 
+def llm_section(llm: LlmConfig | None, candidates: list[dict[str, Any]], brief: str,
+                run_query: Callable[[str], str], say: Progress) -> dict[str, Any]:
+    """The report's ``llm`` section: not asked (off, or nothing to choose from), or its answer."""
+    if llm is None or not candidates:
+        return {"used": False, "url": llm and llm.url, "model": (llm and llm.model) or None, "accepted": False,
+                "verdict": None, "reason": DISABLED if llm is None else "no candidate to investigate", "queries": []}
+    names = [c["component"] for c in candidates]
+    say(f"asking the LLM at {llm.url} to investigate {', '.join(names)}")
+    section = investigate(llm, brief, names, run_query)
+    say(f"  LLM {'chose ' + section['verdict']['component'] if section['accepted'] else 'not used: ' + section['reason']}")
+    return section
+
+
+def root_cause_entry(candidates: list[dict[str, Any]], section: dict[str, Any]) -> dict[str, Any] | None:
+    """The LLM's accepted choice, else the first candidate; None without candidates. The
+    metric is the one the LLM named if it is among the candidate's evidence."""
+    if not candidates:
+        return None
+    verdict = section["verdict"] if section["accepted"] else None
+    chosen = next(c for c in candidates if c["component"] == verdict["component"]) if verdict else candidates[0]
+    top = next((e for e in chosen["evidence"] if verdict and e["metric"] == verdict.get("metric")),
+               chosen["evidence"][0])
+    return {"component": chosen["component"], "role": chosen["role"], "metric": top["metric"],
+            "series": top["series"], "kind": top["kind"], "score": chosen["score"], "onset": top["onset"],
+            "promql": top["promql"], "chosen_by": "llm" if verdict else "statistics",
+            "explanation": verdict["explanation"] if verdict else statistical_explanation(chosen, candidates)}
+
+
 def diagnose(prometheus_url: str, start: float, end: float, step: float = 2.0, *,
              anomaly_time: float | None = None, llm: LlmConfig | None = None, redis_url: str = "",
              events_bootstrap: str = "", trigger: dict[str, Any] | None = None, top_k: int = 3,
@@ -184,29 +212,8 @@ def diagnose(prometheus_url: str, start: float, end: float, step: float = 2.0, *
     say("reading the registry, scaling decisions and request events")
     context = {"registry": tools.registry(), "scaling_decisions": tools.scaling_decisions(),
                "events": tools.recent_events(start, end)}
-    names = [c["component"] for c in candidates]
-    if llm is None:
-        section = {"used": False, "url": None, "model": None, "accepted": False, "verdict": None,
-                   "reason": DISABLED, "queries": []}
-    elif not candidates:
-        section = {"used": False, "url": llm.url, "model": llm.model or None, "accepted": False, "verdict": None,
-                   "reason": "no candidate to investigate", "queries": []}
-    else:
-        say(f"asking the LLM at {llm.url} to investigate {', '.join(names)}")
-        section = investigate(llm, llm_brief(candidates, context, t, trigger), names, _query_tool(tools, end))
-        say(f"  LLM {'chose ' + section['verdict']['component'] if section['accepted'] else 'not used: ' + section['reason']}")
-    root = None
-    if candidates:
-        chosen = candidates[0]
-        if section["accepted"]:
-            chosen = candidates[names.index(section["verdict"]["component"])]
-        top = next((e for e in chosen["evidence"] if e["metric"] == (section["verdict"] or {}).get("metric")),
-                   chosen["evidence"][0])
-        root = {"component": chosen["component"], "role": chosen["role"], "metric": top["metric"],
-                "series": top["series"], "kind": top["kind"], "score": chosen["score"], "onset": top["onset"],
-                "promql": top["promql"], "chosen_by": "llm" if section["accepted"] else "statistics",
-                "explanation": section["verdict"]["explanation"] if section["accepted"]
-                else statistical_explanation(chosen, candidates)}
+    section = llm_section(llm, candidates, llm_brief(candidates, context, t, trigger), _query_tool(tools, end), say)
+    root = root_cause_entry(candidates, section)
     out: reports.Report = {
         "schema_version": reports.SCHEMA_VERSION, "id": reports.new_id(created), "ts": round(created, 3),
         "created": reports.iso(created), "summary": "", "trigger": trigger, "prometheus_url": prometheus_url,
