@@ -41,7 +41,7 @@ class FakePrometheus(FakeJSONServer):
             return 400, {"status": "error", "errorType": "bad_data", "error": "parse error at char 1"}
         if path.endswith("/label/instance_id/values"):
             body["data"] = sorted(ROLES)
-        elif query.startswith("max by (instance_id, role) (up"):
+        elif query.startswith("min by (instance_id, role) (min_over_time(up"):
             body["data"]["result"] = up_series()
         elif "cleave_router_time_to_first_token_seconds_sum" in query:
             body["data"]["result"] = [{"metric": {"instance_id": "router-0"},

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cleave.common.engine_metrics import EngineStatsCollector
+from cleave.common import redis_metrics
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.metrics_http import MetricsHTTPServer
 from cleave.common.registry import CLIENT_OPTIONS, DEFAULT_REDIS_URL, AsyncRegistration, AsyncRegistry, InstanceRecord
@@ -383,7 +384,7 @@ class WorkerServer:
         config = self.config
         self.engine.start()
         if config.redis_url:
-            self.redis = aioredis.Redis.from_url(config.redis_url, decode_responses=True, **CLIENT_OPTIONS)
+            self.redis = redis_metrics.async_client(config.redis_url, decode_responses=True, **CLIENT_OPTIONS)
         self.handoff = KVHandoff(self.redis, config.kvstore_timeout_seconds, config.kv_pin_seconds)
         await self.handoff.refresh()
         self.grpc = ServiceServer(

@@ -6,14 +6,19 @@ from __future__ import annotations
 import threading
 from http.server import ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import MetricsHandler
+
+from cleave.common import redis_metrics
 
 
 class MetricsHTTPServer:
     def __init__(self, registry: CollectorRegistry, name: str = "metrics") -> None:
         self.registry = registry
         self.name = name
+        # Every service shows its process (CPU, memory) and its view of Redis.
+        ProcessCollector(registry=registry)
+        redis_metrics.register(registry)
         self._http: ThreadingHTTPServer | None = None
 
     def serve(self, host: str, port: int) -> int:

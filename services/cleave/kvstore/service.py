@@ -11,6 +11,7 @@ from typing import AsyncIterator, Callable
 import grpc
 import redis.asyncio as aioredis
 
+from cleave.common import redis_metrics
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistration, AsyncRegistry, InstanceRecord
 from cleave.kvstore.backend import StorageBackend, StoredBlock, StoreFullError
@@ -218,7 +219,7 @@ class KVStoreServer:
             advertise=config.advertise_address,
         )
         if config.redis_url:
-            self.redis = aioredis.Redis.from_url(config.redis_url, decode_responses=True, **CLIENT_OPTIONS)
+            self.redis = redis_metrics.async_client(config.redis_url, decode_responses=True, **CLIENT_OPTIONS)
             self.index = KVIndex(self.redis, config.instance_id)
             # Entries a previous life of this instance id left behind name blocks that
             # died with its memory.

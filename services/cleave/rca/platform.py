@@ -40,7 +40,8 @@ class SeriesQuery:
     """One metric of the table: ``metric`` is the name after ``<component>_``; ``expr`` a
     PromQL template aggregated ``by (instance_id)`` where ``$sel`` is the label matchers
     (``job="cleave"`` to collect every instance, plus ``instance_id="..."`` for one
-    series' evidence) and ``$w`` the rate window. ``roles``: where the metric exists."""
+    series' evidence), ``$w`` the rate window and ``$f`` the freshness window (samples
+    older than it are not current). ``roles``: where the metric exists."""
 
     metric: str
     expr: str
@@ -62,7 +63,9 @@ def _rate(metric: str, matchers: str = "") -> str:
 
 
 def _gauge(metric: str) -> str:
-    return f"sum by (instance_id) ({metric}{{$sel}})"
+    # Over the freshness window only: a plain selector would repeat a dead target's last
+    # value for Prometheus' five-minute lookback.
+    return f"sum by (instance_id) (last_over_time({metric}{{$sel}}[$f]))"
 
 
 _GENERATE = ',endpoint=~"completions|chat_completions|grpc_generate"'
@@ -70,11 +73,11 @@ WORKERS = ("prefill", "decode")
 ALL = ("router", "prefill", "decode", "kvstore", "expert")
 
 # Read with the targets' roles, before the other series: see collect().
-UP = SeriesQuery("up", "max by (instance_id) (up{$sel})", ALL)
+UP = SeriesQuery("up", "min by (instance_id) (min_over_time(up{$sel}[$f]))", ALL)
 
 SERIES: tuple[SeriesQuery, ...] = (
     # A throttled or stopped process answers its scrape late: the one latency every target has.
-    SeriesQuery("scrape_duration_seconds", "max by (instance_id) (scrape_duration_seconds{$sel})", ALL),
+    SeriesQuery("scrape_duration_seconds", "max by (instance_id) (max_over_time(scrape_duration_seconds{$sel}[$f]))", ALL),
     SeriesQuery("cpu_seconds_rate", _rate("process_cpu_seconds_total"), ALL),
     # router
     SeriesQuery("request_rate", _rate("cleave_router_requests_total", _GENERATE), ("router",)),
@@ -168,6 +171,11 @@ def default_rate_window(step: float) -> str:
     return f"{max(10, int(math.ceil(4 * step)))}s"
 
 
+def freshness_window(step: float) -> str:
+    """Two steps, at least 5 s (two scrapes of `cleave up`'s Prometheus)."""
+    return f"{max(5, int(math.ceil(2 * step)))}s"
+
+
 def collect(prom_url: str, start: float, end: float, step: float, *,
             rate_window: str | None = None, timeout: float = 10.0) -> PlatformData:
     """Read the platform's series from the Prometheus at ``prom_url`` between ``start``
@@ -178,7 +186,7 @@ def collect(prom_url: str, start: float, end: float, step: float, *,
     if not end > start or step <= 0:
         raise ValueError(f"need start < end and step > 0, got {start}, {end}, {step}")
     api = PrometheusAPI(prom_url, timeout=timeout)
-    window = rate_window or default_rate_window(step)
+    window, fresh = rate_window or default_rate_window(step), freshness_window(step)
     times = start + step * np.arange(int(math.floor((end - start) / step)) + 1)
     columns: dict[str, np.ndarray] = {}
     promql: dict[str, str] = {}
@@ -189,11 +197,12 @@ def collect(prom_url: str, start: float, end: float, step: float, *,
             i = int(round((float(t) - start) / step))
             if 0 <= i < len(times):
                 column[i] = float(value)
-        promql[name] = template.substitute(sel=sel, w=window)
+        promql[name] = template.substitute(sel=sel, w=window, f=fresh)
 
     roles: dict[str, str] = {}
     up = Template(UP.expr)
-    for series in api.query_range(f"max by (instance_id, role) (up{{{JOB}}})", start, end, step):
+    roles_expr = f"min by (instance_id, role) (min_over_time(up{{{JOB}}}[{fresh}]))"
+    for series in api.query_range(roles_expr, start, end, step):
         labels = series["metric"]
         if labels.get("instance_id") and labels.get("role"):
             roles[labels["instance_id"]] = labels["role"]
@@ -203,7 +212,7 @@ def collect(prom_url: str, start: float, end: float, step: float, *,
                          f"between {start:.0f} and {end:.0f}")
     for query in SERIES:
         template = Template(query.expr)
-        for series in api.query_range(template.substitute(sel=JOB, w=window), start, end, step):
+        for series in api.query_range(template.substitute(sel=JOB, w=window, f=fresh), start, end, step):
             component = series["metric"].get("instance_id")
             if roles.get(component) in query.roles:
                 put(f"{component}_{query.metric}", series["values"], template, _instance_selector(component))
@@ -214,7 +223,7 @@ def collect(prom_url: str, start: float, end: float, step: float, *,
             column[seen[0]:] = np.where(np.isnan(column[seen[0]:]), 0.0, column[seen[0]:])
     for metric, expr in REDIS_SERIES:
         template = Template(expr)
-        for series in api.query_range(template.substitute(sel=JOB, w=window), start, end, step):
+        for series in api.query_range(template.substitute(sel=JOB, w=window, f=fresh), start, end, step):
             put(f"{REDIS}_{metric}", series["values"], template, JOB)
     if any(name.startswith(REDIS + "_") for name in columns):
         roles[REDIS] = REDIS

@@ -100,8 +100,7 @@ def context_length(model_path: Path) -> int:
 def build_app(config: RouterConfig, model_path: Path):
     """The router's FastAPI app; its lifespan starts the worker pool, the gRPC server and
     the registry record, and stops them in reverse."""
-    from redis import asyncio as aioredis
-
+    from cleave.common import redis_metrics
     from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistry, InstanceRecord
     from cleave.events.lifecycle import RequestEvents
     from cleave.events.publisher import EventPublisher
@@ -115,7 +114,7 @@ def build_app(config: RouterConfig, model_path: Path):
     from cleave.router.workers import WorkerPool
 
     tokenizer = Tokenizer.from_pretrained(model_path)
-    redis_client = aioredis.Redis.from_url(config.redis_url, **CLIENT_OPTIONS)
+    redis_client = redis_metrics.async_client(config.redis_url, **CLIENT_OPTIONS)
     pool = WorkerPool(redis_client, config.model, refresh_seconds=config.refresh_seconds,
                       health_seconds=config.health_check_seconds)
     metrics = RouterMetrics()
