@@ -9,6 +9,8 @@ MODEL ?= smollm2-moe
 UP_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# bench-vllm's model: vLLM's CPU attention rejects tiny-mixtral's head_dim of 16.
+PEER_MODEL ?= tiny-mixtral-hd64
 # Kubernetes in kind (docs/kubernetes.md): needs docker, kind and kubectl; helm comes from infra/scripts/helm.sh.
 KIND_CLUSTER ?= cleave
 KIND_IMAGE ?= cleave:dev
@@ -53,8 +55,8 @@ bench-disagg: install-test
 # Cleave against vLLM's CPU build (docs/benchmarks.md); vLLM lives in its own .venv-vllm/.
 bench-vllm: install-test
 	@bash infra/scripts/vllm.sh install
-	@$(CLEAVE) model build $(MODEL)
-	@$(PY) bench/peer_vllm.py --model $(MODEL) $(BENCH_ARGS)
+	@$(CLEAVE) model build $(PEER_MODEL)
+	@$(PY) bench/peer_vllm.py --model $(PEER_MODEL) $(BENCH_ARGS)
 
 rca-eval: install
 	@$(CLEAVE) rca-eval

@@ -1,29 +1,35 @@
-"""Cleave against vLLM's CPU build on the same tiny MoE checkpoint, driven by vLLM's own client.
+"""Cleave against vLLM's CPU build on the same seeded tiny MoE checkpoint, driven by vLLM's own client and by our Locust file.
 
-    python bench/peer_vllm.py [--model smollm2-moe] [--shapes single[,disagg]] [--num-prompts 50]
-                              [--input-len 128] [--output-len 32] [--server-core 1] [--client-core 0]
+    python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg] [--num-prompts 50]
+                              [--input-len 128] [--output-len 32] [--locust-users 8] [--locust-time 30]
+                              [--server-core 1] [--client-core 0]
 
 Needs vLLM's CPU build in .venv-vllm/ (``infra/scripts/vllm.sh install``). In one run, one
 server at a time (so no two servers share the cores): vLLM (``vllm serve``), then Cleave
-single-process (``cleave up --mode single --num-threads 1``), then, with ``--shapes`` naming
-it, Cleave disaggregated (``cleave up`` defaults, 1 torch thread per worker). Each server runs
-under ``taskset -c SERVER_CORE`` (every process it spawns inherits that mask) and each client
-under ``taskset -c CLIENT_CORE``: on a 2-core machine the server has core 1 to itself and the
-client core 0. Every server is driven by ``vllm bench serve`` (OpenAI ``/v1/completions``,
-streaming; random dataset, ``--input-len`` in / ``--output-len`` out, ``--num-prompts``
-prompts, temperature 0, ``--ignore-eos``) twice: at concurrency 1, then all prompts at once
-(unbounded request rate, no concurrency cap), after a short warm-up run. The figures are
-those of its ``--save-result`` JSON: output tokens/s, mean/p99 TTFT and TPOT, and the ratios
-Cleave/vLLM.
+single-process (``cleave up --mode single --num-threads 1``), then Cleave disaggregated
+(``cleave up`` defaults: Redis, a KV store, 1 prefill and 2 decode workers, 2 expert
+replicas, the router; 1 torch thread per worker). Each server runs under ``taskset -c
+SERVER_CORE`` (every process it spawns inherits that mask) and each client under ``taskset
+-c CLIENT_CORE``: on a 2-core machine the server has core 1 and the client core 0.
 
-The model is smollm2-moe (Mixtral-shaped, 30 layers, 4 experts top-2, head_dim 64), not
-tiny-mixtral: vLLM 0.32's CPU attention has no kernel for tiny-mixtral's head_dim of 16
-("Unsupported CPU attention configuration: head_dim=16"), so its engine dies on the first
-request."""
+Every server is driven, after a short warm-up, by ``vllm bench serve`` (OpenAI
+``/v1/completions``, streaming; random dataset, ``--input-len`` in / ``--output-len`` out,
+``--num-prompts`` prompts, temperature 0, ``--ignore-eos``) at concurrency 1, then with all
+prompts at once (unbounded request rate, no concurrency cap); then by a headless run of
+loadtest/locustfile.py (``--shape fixed`` at the same lengths, ``--locust-users`` users for
+``--locust-time`` seconds). The figures: output tokens/s, mean/p99 TTFT and TPOT (Locust:
+inter-token latency, its percentiles rounded as Locust rounds them), and the ratios
+Cleave/vLLM. A stage that fails is reported and left blank; the others still run.
+
+The default model is tiny-mixtral-hd64 (2 layers, hidden 256, 4 heads of 64, 8 experts
+top-2): vLLM 0.32's CPU attention has no kernel for tiny-mixtral's head_dim of 16
+("Unsupported CPU attention configuration: head_dim=16"). ``--model smollm2-moe`` runs the
+larger Mixtral made from SmolLM2 (30 layers, 4 experts)."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import signal
@@ -39,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from local_platform import Platform, free_port  # noqa: E402  (the tests' `cleave up` harness: own home, free ports)
 
 VENV = Path(os.environ.get("CLEAVE_VLLM_VENV", ROOT / ".venv-vllm"))
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 VLLM = VENV / "bin" / "vllm"
 METRICS = (  # result key, label, lower is better
     ("output_throughput", "output tok/s", False),
@@ -49,6 +56,14 @@ METRICS = (  # result key, label, lower is better
 )
 LOADS = (("c=1", ["--max-concurrency", "1", "--request-rate", "inf"]),
          ("unbounded", ["--request-rate", "inf"]))
+LOCUST_METRICS = (  # the same keys, as Locust measures them
+    ("output_throughput", "output tok/s", False),
+    ("mean_ttft_ms", "TTFT mean ms", True),
+    ("p99_ttft_ms", "TTFT p99 ms", True),
+    ("mean_tpot_ms", "ITL mean ms", True),
+    ("p99_tpot_ms", "ITL p99 ms", True),
+    ("completed", "requests", False),
+)
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None) -> None:
@@ -136,43 +151,106 @@ def bench_serve(base_url: str, name: str, model_dir: Path, args, load: list[str]
     return data
 
 
-def drive(side: str, base_url: str, name: str, model_dir: Path, args, result_dir: Path) -> dict[str, dict]:
+def locust_run(base_url: str, name: str, args, result_dir: Path, tag: str, vocab_size: int) -> dict:
+    """loadtest/locustfile.py headless, fixed lengths; its figures under bench serve's keys."""
+    prefix = result_dir / tag
+    argv = ["taskset", "-c", args.client_core, sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+            "--only-summary", "-H", base_url, "-u", str(args.locust_users), "-r", str(args.locust_users),
+            "-t", f"{args.locust_time}s", "--stop-timeout", "60", "--csv", str(prefix), "--shape", "fixed",
+            "--model", name, "--prompt-tokens", str(args.input_len), "--output-tokens", str(args.output_len),
+            "--max-token-id", str(vocab_size), "--seed", str(args.seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.locust_time + 180)
+    try:
+        with open(f"{prefix}_stats.csv") as stats:
+            rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(stats)}
+        with open(f"{prefix}_tokens.csv") as tokens:
+            (tally,) = [row for row in csv.DictReader(tokens) if row["Name"] == "fixed"]
+        ttft, itl, e2e = rows[("TTFT", "fixed")], rows[("ITL", "fixed")], rows[("E2E", "fixed")]
+    except (OSError, KeyError, ValueError) as exc:
+        raise RuntimeError(f"locust ({result.returncode}) left no statistics ({exc}):\n{result.stdout[-3000:]}\n"
+                           f"{result.stderr[-3000:]}") from exc
+    failures = int(rows[("", "Aggregated")]["Failure Count"])
+    if result.returncode != 0 or failures:
+        raise RuntimeError(f"locust exited {result.returncode} with {failures} failures:\n{result.stderr[-3000:]}")
+    return {"output_throughput": float(tally["Output Tokens/s"]),
+            "mean_ttft_ms": float(ttft["Average Response Time"]), "p99_ttft_ms": float(ttft["99%"]),
+            "mean_tpot_ms": float(itl["Average Response Time"]), "p99_tpot_ms": float(itl["99%"]),
+            "completed": int(e2e["Request Count"])}
+
+
+def drive(side: str, base_url: str, name: str, model_dir: Path, args, result_dir: Path, vocab_size: int,
+          errors: list[str]) -> dict[str, dict]:
     bench_serve(base_url, name, model_dir, args, ["--max-concurrency", "2"], 4, result_dir, f"{side}-warmup",
                 args.seed + 1000)
+    stages = [(label, lambda load=load, label=label: bench_serve(
+        base_url, name, model_dir, args, load, args.num_prompts, result_dir, f"{side}-{label}", args.seed))
+        for label, load in LOADS]
+    if args.locust_time > 0:
+        stages.append(("locust", lambda: locust_run(base_url, name, args, result_dir, f"{side}-locust", vocab_size)))
     figures = {}
-    for label, load in LOADS:
-        figures[label] = bench_serve(base_url, name, model_dir, args, load, args.num_prompts, result_dir,
-                                     f"{side}-{label}", args.seed)
-        f = figures[label]
+    for label, stage in stages:
+        started = time.monotonic()
+        print(f"  {side} {label} ...", file=sys.stderr, flush=True)
+        try:
+            f = figures[label] = stage()
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            errors.append(f"{side} {label}: {exc}")
+            print(f"  {side} {label} FAILED: {str(exc)[:2000]}", file=sys.stderr, flush=True)
+            continue
         print(f"  {side} {label}: {f['output_throughput']:.1f} tok/s, TTFT mean {f['mean_ttft_ms']:.1f} ms, "
-              f"TPOT mean {f['mean_tpot_ms']:.2f} ms", file=sys.stderr, flush=True)
+              f"TPOT/ITL mean {f['mean_tpot_ms']:.2f} ms ({time.monotonic() - started:.0f} s)",
+              file=sys.stderr, flush=True)
     return figures
 
 
-def print_table(args, sides: list[str], results: dict[str, dict[str, dict]]) -> None:
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def print_table(args, sides: list[str], results: dict[str, dict[str, dict]], header: list[str]) -> None:
     cleave_sides = [s for s in sides if s != "vllm"]
+    for line in header:
+        print(line)
     print(f"{args.model}: `vllm bench serve` random {args.input_len} in / {args.output_len} out, "
-          f"{args.num_prompts} prompts, temperature 0, ignore_eos; servers on core {args.server_core}, "
+          f"{args.num_prompts} prompts, temperature 0, ignore_eos; Locust fixed {args.input_len}/{args.output_len}, "
+          f"{args.locust_users} users, {args.locust_time} s; servers on core {args.server_core}, "
           f"client on core {args.client_core}; {os.cpu_count()} cores")
-    head = f"{'load':<9} | {'metric':<13} | " + " | ".join(f"{s:>9}" for s in sides)
-    head += "".join(f" | {s + '/vllm':>12}" for s in cleave_sides)
-    print(head)
-    for label, _ in LOADS:
-        for key, metric, _ in METRICS:
-            row = f"{label:<9} | {metric:<13} | " + " | ".join(f"{results[s][label][key]:>9.2f}" for s in sides)
-            row += "".join(f" | {results[s][label][key] / results['vllm'][label][key]:>11.2f}x" for s in cleave_sides)
-            print(row)
+    print("| load | metric | " + " | ".join(sides) + "".join(f" | {s}/vllm" for s in cleave_sides) + " |")
+    print("| --- | --- |" + " ---: |" * (len(sides) + len(cleave_sides)))
+    loads = [(label, METRICS) for label, _ in LOADS] + ([("locust", LOCUST_METRICS)] if args.locust_time > 0 else [])
+    for label, metrics in loads:
+        for key, metric, _ in metrics:
+            values = {s: results.get(s, {}).get(label, {}).get(key) for s in sides}
+            row = f"| {label} | {metric} | " + " | ".join(_cell(values[s]) for s in sides)
+            for s in cleave_sides:
+                ok = values[s] is not None and values["vllm"]
+                row += f" | {values[s] / values['vllm']:.2f}x" if ok else " | n/a"
+            print(row + " |")
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return result.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-moe", help="model-zoo name or model folder")
-    parser.add_argument("--shapes", default="single", help="Cleave shapes, comma-separated: single, disagg")
+    parser.add_argument("--model", default="tiny-mixtral-hd64", help="model-zoo name or model folder")
+    parser.add_argument("--shapes", default="single,disagg", help="Cleave shapes, comma-separated: single, disagg")
     parser.add_argument("--num-prompts", type=int, default=50)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--server-core", default="1", help="taskset core list of each server in turn")
-    parser.add_argument("--client-core", default="0", help="taskset core list of `vllm bench serve`")
+    parser.add_argument("--client-core", default="0", help="taskset core list of `vllm bench serve` and Locust")
+    parser.add_argument("--locust-users", type=int, default=8, help="Locust users (each one request at a time)")
+    parser.add_argument("--locust-time", type=int, default=30, help="seconds of Locust per server; 0 skips it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-timeout", type=float, default=600, help="seconds for a server to come up")
     parser.add_argument("--client-timeout", type=float, default=900, help="seconds for one `vllm bench serve`")
@@ -189,9 +267,14 @@ def main() -> None:
     unknown = set(shapes) - {"single", "disagg"}
     if unknown:
         sys.exit(f"unknown shapes: {sorted(unknown)}")
-    max_model_len = min(2048, json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    config = json.loads((model_dir / "config.json").read_text())
+    max_model_len = min(2048, config["max_position_embeddings"])
     sides = ["vllm", *shapes]
     results: dict[str, dict[str, dict]] = {}
+    errors: list[str] = []
+    # Other work on a shared machine shows in the figures: record how busy it was.
+    header = [f"commit {git_commit()}; load average (1/5/15 min) at start {load_average()}"]
+    print(header[0], file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="cleave-bench-vllm-") as tmp:
         tmp_path = Path(tmp)
         for side in sides:  # one server at a time: each has the server core to itself
@@ -200,7 +283,11 @@ def main() -> None:
                 server = VllmServer(model_dir, name, args.server_core, tmp_path / "vllm.log", max_model_len)
                 try:
                     server.up(args.server_timeout)
-                    results[side] = drive(side, server.base_url, name, model_dir, args, tmp_path)
+                    results[side] = drive(side, server.base_url, name, model_dir, args, tmp_path,
+                                          config["vocab_size"], errors)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    errors.append(f"{side}: {exc}")
+                    print(f"{side} FAILED: {str(exc)[:3000]}", file=sys.stderr, flush=True)
                 finally:
                     print(f"stopping {side} ...", file=sys.stderr, flush=True)
                     server.down()
@@ -211,17 +298,27 @@ def main() -> None:
                                           core=args.server_core)
                 try:
                     platform.up()
-                    results[side] = drive(side, platform.base_url, name, model_dir, args, tmp_path)
+                    results[side] = drive(side, platform.base_url, name, model_dir, args, tmp_path,
+                                          config["vocab_size"], errors)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    errors.append(f"{side}: {exc}")
+                    print(f"{side} FAILED: {str(exc)[:3000]}", file=sys.stderr, flush=True)
                 finally:
                     print(f"stopping {side} ...", file=sys.stderr, flush=True)
                     try:
                         platform.down()
                     except Exception as exc:  # noqa: BLE001  (report, then go on to the next server)
                         print(f"stopping {side} failed: {exc}", file=sys.stderr)
-    print_table(args, sides, results)
+    header.append(f"load average (1/5/15 min) at end {load_average()}")
+    print_table(args, sides, results, header)
+    for error in errors:
+        print(f"failed: {error[:500]}")
     if args.json:
-        print(json.dumps({side: {label: {key: figs[key] for key, _, _ in METRICS} for label, figs in per.items()}
+        keys = [key for key, _, _ in LOCUST_METRICS]
+        print(json.dumps({side: {label: {key: figs[key] for key in keys if key in figs} for label, figs in per.items()}
                           for side, per in results.items()}))
+    if errors:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

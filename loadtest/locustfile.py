@@ -256,6 +256,10 @@ class OpenAIStreamUser(CleaveUser):
                     piece = choice["delta"].get("content") if chat else choice.get("text")
                     if piece:
                         text.append(piece)
+                    # A completion chunk is a token even with no text (vLLM streams a token
+                    # that ends inside a character so), as `vllm bench serve` counts it; a
+                    # chat chunk only with content, as vLLM's first carries just the role.
+                    if piece or not chat:
                         timer.chunk(1)
         return "".join(text), usage_tokens
 
