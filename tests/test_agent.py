@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import yaml
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 
@@ -500,3 +501,33 @@ def test_diagnose_publish_pushes_the_digest_and_the_report(agent, incident):
     published = next((e for e in tail(agent.bootstrap, DIAGNOSES_TOPIC, from_beginning=True, timeout=30)
                       if e.get("id") == report["id"]), None)
     assert published == report
+
+
+def test_cleave_up_runs_the_agent_after_prometheus_and_points_alertmanager_at_it(tmp_path, monkeypatch):
+    from cleave.launcher import build_parser
+    from cleave.observability.prometheus import prometheus_tiers
+    from cleave.rca.service import agent_tiers
+
+    monkeypatch.setenv("CLEAVE_HOME", str(tmp_path))
+    ports = [str(free_port()) for _ in range(3)]
+    flags = ["--prometheus-port", ports[0], "--alertmanager-port", ports[1], "--agent-port", ports[2]]
+    args, _ = build_parser("up").parse_known_args([*flags, "--port", "8123", "--served-model-name", "m"])
+    [[agent]] = agent_tiers(args)
+    argv = agent.argv[agent.argv.index("agent") + 1:]
+    assert dict(zip(argv[::2], argv[1::2])) == {
+        "--host": "127.0.0.1", "--port": ports[2], "--prometheus-url": f"http://127.0.0.1:{ports[0]}",
+        "--redis-url": "redis://127.0.0.1:6390/0", "--events-bootstrap": "127.0.0.1:9092",
+        "--llm-url": "http://127.0.0.1:8123/v1", "--llm-model": "m"}
+    assert agent.health_url == f"http://127.0.0.1:{ports[2]}/health"
+    prometheus_tiers(args)
+    config = tmp_path / "prometheus" / "alertmanager.yml"
+    checked = subprocess.run(["amtool", "check-config", str(config)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"url: http://127.0.0.1:{ports[2]}/alerts" in config.read_text()
+    assert f"- 127.0.0.1:{ports[2]}" in (tmp_path / "prometheus" / "prometheus.yml").read_text()
+    for off in (["--no-agent"], ["--no-prometheus"]):
+        args, _ = build_parser("up").parse_known_args([*flags, *off])
+        assert agent_tiers(args) == []
+    args, _ = build_parser("up").parse_known_args([*flags, "--no-agent"])
+    prometheus_tiers(args)
+    assert yaml.safe_load(config.read_text())["receivers"] == [{"name": "null"}]
