@@ -112,12 +112,15 @@ def to_markdown(report: Report) -> str:
     if not llm.get("used"):
         out.append(f"Not used: {llm.get('reason') or 'disabled'}. The statistical ranking stands.")
     elif llm.get("accepted"):
+        queries = len(llm.get("queries") or [])
         out.append(f"{llm.get('model')} at {llm.get('url')} chose {llm['verdict']['component']} "
-                   f"after {len(llm.get('queries') or [])} queries.")
+                   f"after {queries} {'query' if queries == 1 else 'queries'} of its own.")
     else:
         out.append(f"{llm.get('model') or 'the LLM'} at {llm.get('url')}: answer rejected ({llm.get('reason')}). "
                    "The statistical ranking stands.")
     out += ["", "## Candidates and evidence", ""]
+    if not report.get("candidates"):
+        out += ["No component deviates enough from its normal to be a candidate.", ""]
     for cand in report.get("candidates") or []:
         out.append(f"### {cand['rank']}. {cand['component']} (score {_fmt(cand['score'])})")
         out.append("")
