@@ -220,11 +220,15 @@ def test_a_valid_llm_verdict_among_the_candidates_is_taken_after_its_queries(inc
     assert "LLM-confirmed" in report["summary"]
     [ran] = report["llm"]["queries"]
     assert ran["promql"] == query and '"instance_id": "prefill-0"' in ran["result"]
+    [answered] = json.loads(ran["result"])
+    assert answered["at_end"] > 0 and len(answered["over_window"]) == 8
     first, second = scripted_llm.requests
     assert first["model"] == "scripted" and first["temperature"] == 0
     brief = first["messages"][1]["content"]
     assert f"Candidates you may name: {', '.join(names)}." in brief
     assert "1. kvstore-0 (role kvstore" in brief and "   - transfer_latency_seconds: +" in brief
+    assert "cleave_kvstore_transfer_seconds, " in brief and "cleave_prefill_request_seconds" in brief
+    assert "cleave_kvstore_transfer_seconds" in report["context"]["metric_names"]
     assert second["messages"][-1]["content"].startswith(f"Result of {query}:")
 
 

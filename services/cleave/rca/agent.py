@@ -12,6 +12,7 @@ unreachable or answers anything else the first candidate stands and the report s
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from typing import Any, Callable
@@ -110,6 +111,19 @@ def timeline(candidates: list[dict[str, Any]], anomaly_time: float, detected: bo
     return sorted(entries, key=lambda e: (e["time"], e["component"]))
 
 
+def candidate_metric_names(tools: Tools, candidates: list[dict[str, Any]], limit: int = 40) -> list[str]:
+    """The metrics Prometheus holds for the candidates' roles (``cleave_<role>_...``), for the
+    LLM to write its queries with; at most ``limit``, histograms named once."""
+    prefixes = tuple(f"cleave_{c['role']}_" for c in candidates)
+    try:
+        names = tools.metric_names()
+    except PrometheusUnavailable as exc:
+        tools.errors.append(f"metric names: {exc}")
+        return []
+    bases = dict.fromkeys(re.sub(r"_(bucket|sum|count)$", "", n) for n in names if n.startswith(prefixes))
+    return list(bases)[:limit]
+
+
 def llm_brief(candidates: list[dict[str, Any]], context: dict[str, Any], anomaly_time: float,
               trigger: dict[str, Any]) -> str:
     """What the LLM is told: the candidates and their evidence, and the platform's context."""
@@ -124,8 +138,9 @@ def llm_brief(candidates: list[dict[str, Any]], context: dict[str, Any], anomaly
         for e in cand["evidence"]:
             lines.append(f"   - {e['metric']}: {e['deviation']:+.1f}, {e['normal']} -> {e['peak']}, "
                          f"onset {reports.iso(e['onset']) or '-'}")
-    lines.append('Metrics are named cleave_<role>_..., labelled instance_id, e.g. '
-                 'cleave_kvstore_transfer_seconds_sum{instance_id="kvstore-0"}.')
+    lines.append('Metrics are labelled instance_id, e.g. cleave_kvstore_transfer_seconds_sum{instance_id="kvstore-0"}'
+                 + (f"; those of the candidates' roles: {', '.join(context['metric_names'])}."
+                    if context.get("metric_names") else "."))
     registry = context.get("registry") or []
     if registry:
         lines.append("Registered instances: " + ", ".join(
@@ -140,13 +155,24 @@ def llm_brief(candidates: list[dict[str, Any]], context: dict[str, Any], anomaly
     return "\n".join(lines)
 
 
-def _query_tool(tools: Tools, at: float) -> Callable[[str], str]:
+def query_tool(tools: Tools, start: float, end: float, points: int = 8) -> Callable[[str], str]:
+    """What the LLM's ``{"query": ...}`` runs: the instant value at the window's end and
+    ``points`` values over the window, per series, as compact JSON."""
+    step = max((end - start) / (points - 1), 1.0)
+
     def run(promql: str) -> str:
         try:
-            text = json.dumps(tools.instant(promql, at))
+            now = tools.instant(promql, end)
+            over = tools.range(promql, start, end, step)
         except PrometheusUnavailable as exc:
-            text = f"error: {exc}"
-        return text[:QUERY_RESULT_CHARS]
+            return f"error: {exc}"[:QUERY_RESULT_CHARS]
+        series = {json.dumps(s["labels"], sort_keys=True): {"labels": s["labels"], "at_end": s["value"]} for s in now}
+        for s in over:
+            entry = series.setdefault(json.dumps(s["labels"], sort_keys=True), {"labels": s["labels"], "at_end": None})
+            entry["over_window"] = [[reports.iso(t), _rounded(v, 4)] for t, v in s["values"]]
+        for entry in series.values():
+            entry["at_end"] = _rounded(entry["at_end"], 4)
+        return json.dumps(list(series.values()))[:QUERY_RESULT_CHARS]
 
     return run
 
@@ -212,7 +238,8 @@ def diagnose(prometheus_url: str, start: float, end: float, step: float = 2.0, *
     say("reading the registry, scaling decisions and request events")
     context = {"registry": tools.registry(), "scaling_decisions": tools.scaling_decisions(),
                "events": tools.recent_events(start, end)}
-    section = llm_section(llm, candidates, llm_brief(candidates, context, t, trigger), _query_tool(tools, end), say)
+    context["metric_names"] = candidate_metric_names(tools, candidates) if candidates else []
+    section = llm_section(llm, candidates, llm_brief(candidates, context, t, trigger), query_tool(tools, start, end), say)
     root = root_cause_entry(candidates, section)
     out: reports.Report = {
         "schema_version": reports.SCHEMA_VERSION, "id": reports.new_id(created), "ts": round(created, 3),
