@@ -46,6 +46,8 @@ class FakePrometheus(FakeJSONServer):
         elif "cleave_router_time_to_first_token_seconds_sum" in query:
             body["data"]["result"] = [{"metric": {"instance_id": "router-0"},
                                        "values": [[1004, "0.5"], [1006.001, "0.7"], [1100, "9"]]}]
+        elif "cleave_expert_client_call_seconds_sum" in query:
+            body["data"]["result"] = [{"metric": {"replica": "expert-1"}, "values": [[1000, "0.01"]]}]
         elif "cleave_redis_command_seconds_sum" in query:
             body["data"]["result"] = [{"metric": {}, "values": [[1000, "0.001"]]}]
         elif path.endswith("/query"):
@@ -80,6 +82,9 @@ def test_collect_builds_table_graph_and_promql():
     assert data.graph["decode-0"] == {"kvstore-0", "expert-0", "expert-1", "redis"}
     assert data.graph["kvstore-0"] == {"redis"} and data.graph["redis"] == set()
     assert set(data.promql) == set(table.names)
+    # A callee's latency as its callers measure it is the callee's series.
+    assert table.values[0, table.names.index("expert-1_client_latency_seconds")] == 0.01
+    assert 'replica="expert-1"' in data.promql["expert-1_client_latency_seconds"]
     assert data.promql["router-0_ttft_seconds"] == (
         'sum by (instance_id) (rate(cleave_router_time_to_first_token_seconds_sum{job="cleave",instance_id="router-0"}[10s]))'
         ' / sum by (instance_id) (rate(cleave_router_time_to_first_token_seconds_count{job="cleave",instance_id="router-0"}[10s]))')

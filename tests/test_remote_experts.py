@@ -18,6 +18,7 @@ import grpc
 import pytest
 import redis
 import torch
+from prometheus_client import CollectorRegistry
 from safetensors.torch import save_file
 
 from reference import assert_greedy_equal, load_hf, mixed_prompts
@@ -30,6 +31,7 @@ from cleave.decode.service import DecodeServer
 from cleave.expert.spec import parse_canonical
 from cleave.kvstore.config import KVStoreConfig
 from cleave.kvstore.service import KVStoreServer
+from cleave.launcher import wait_until
 from cleave.models.loader import load_model
 from cleave.prefill.config import PrefillConfig
 from cleave.prefill.service import PrefillServer
@@ -143,6 +145,7 @@ def expert_tokens(replica: ThreadReplica) -> float:
 def test_split_greedy_equals_transformers(cluster, hf_model):
     prompts = mixed_prompts(hf_model.config.vocab_size, 8, seed=81, min_len=3, max_len=60)
     prefill, decode = cluster.stubs()
+    calls_before, timed_before = num_expert_calls(cluster), timed_expert_calls()
     outputs = [generate(prefill, decode, f"remote-{i}", prompt, greedy(MAX_TOKENS))[0]
                for i, prompt in enumerate(prompts)]
     assert all(len(tokens) == MAX_TOKENS for tokens in outputs)
@@ -153,6 +156,21 @@ def test_split_greedy_equals_transformers(cluster, hf_model):
         backend = server.expert_backend
         assert backend.num_calls > 0 and backend.num_failovers == 0
         assert {r.instance_id for r in backend.replicas} == {"expert0", "expert1"}
+    # The callers timed every call, by the replica's instance id.
+    assert wait_until(lambda: timed_expert_calls() - timed_before == num_expert_calls(cluster) - calls_before, 5)
+
+
+def num_expert_calls(cluster) -> int:
+    return sum(server.expert_backend.num_calls for server in (cluster.prefill, cluster.decode))
+
+
+def timed_expert_calls() -> float:
+    from cleave.expert.client import CALL_SECONDS
+
+    registry = CollectorRegistry()
+    registry.register(CALL_SECONDS)
+    return sum(registry.get_sample_value("cleave_expert_client_call_seconds_count", {"replica": r}) or 0
+               for r in ("expert0", "expert1"))
 
 
 def test_workers_hold_no_routed_experts(cluster):

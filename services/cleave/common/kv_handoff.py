@@ -32,7 +32,7 @@ from cleave.engine.config import EngineConfig
 from cleave.engine.kv_transfer import KVBlock
 from cleave.engine.llm_engine import LLMEngine
 from cleave.engine.sampling_params import SamplingParams
-from cleave.expert.client import RemoteExpertBackend, model_name
+from cleave.expert.client import CALL_SECONDS as EXPERT_CALL_SECONDS, RemoteExpertBackend, model_name
 from cleave.kvstore import index as kvindex
 from cleave.kvstore.client import KVStoreClient, group_by_store, group_for_read
 from cleave.models.config import ModelConfig
@@ -332,6 +332,7 @@ class WorkerMetrics(MetricsHTTPServer):
         ):
             Gauge(p + name, doc, registry=r).set_function(lambda key=key: engine.stats().get(key, 0))
         r.register(EngineStatsCollector(p, engine.stats))
+        r.register(EXPERT_CALL_SECONDS)
 
     def count_transfer(self, direction: str, stats: TransferStats) -> None:
         self.kv_blocks.labels(direction=direction).inc(stats.num_blocks)

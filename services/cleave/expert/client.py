@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import redis
 import torch
+from prometheus_client import Histogram
 
 from cleave.common.grpc_server import channel_options
 from cleave.common.registry import Registry
@@ -37,6 +38,14 @@ from cleave.protogen.cleave.v1 import expert_pb2_grpc as pb_grpc
 log = logging.getLogger("cleave.expert.client")
 
 ROLE = "expert"
+
+# Each replica as its callers see it (queueing, network and a stalled process included,
+# which the replica's own cleave_expert_request_seconds cannot see); the prefill and
+# decode workers serve it (WorkerMetrics).
+CALL_SECONDS = Histogram(
+    "cleave_expert_client_call_seconds", "RunExperts call duration seen by the caller, by expert replica",
+    ["replica"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 # Codes after which another replica may well succeed; anything else (INVALID_ARGUMENT,
 # INTERNAL...) is a bug that retrying elsewhere would only repeat.
 RETRYABLE = frozenset({
@@ -240,7 +249,11 @@ class RemoteExpertBackend:
             topk_weights=to_proto(topk_weights[rows]), expert_ids=experts,
         )
         self.num_calls += 1
-        return address, experts, rows, self._stub(address).RunExperts.future(request, timeout=self.timeout)
+        future = self._stub(address).RunExperts.future(request, timeout=self.timeout)
+        replica = next((r.instance_id for r in self.replicas if r.address == address and r.instance_id), address)
+        sent = time.perf_counter()
+        future.add_done_callback(lambda _: CALL_SECONDS.labels(replica).observe(time.perf_counter() - sent))
+        return address, experts, rows, future
 
     @staticmethod
     def _place(slots: torch.Tensor, response: pb.RunExpertsResponse, address: str, layer: int, experts: list[int],

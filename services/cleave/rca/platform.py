@@ -40,12 +40,13 @@ class SeriesQuery:
     """One metric of the table: ``metric`` is the name after ``<component>_``; ``expr`` a
     PromQL template aggregated ``by (instance_id)`` where ``$sel`` is the label matchers
     (``job="cleave"`` to collect every instance, plus ``instance_id="..."`` for one
-    series' evidence), ``$w`` the rate window and ``$f`` the freshness window (samples
+    series' evidence; ``<by>="..."`` where ``by`` is not ``instance_id``), ``$w`` the rate window and ``$f`` the freshness window (samples
     older than it are not current). ``roles``: where the metric exists."""
 
     metric: str
     expr: str
     roles: tuple[str, ...]
+    by: str = "instance_id"  # the label naming the component: a callee's series are its callers'
 
 
 def _mean(metric: str) -> str:
@@ -120,6 +121,12 @@ SERIES: tuple[SeriesQuery, ...] = (
     SeriesQuery("request_latency_p90_seconds", _p90("cleave_expert_request_seconds"), ("expert",)),
     SeriesQuery("token_rate", _rate("cleave_expert_tokens_total"), ("expert",)),
     SeriesQuery("rejected_error_rate", _rate("cleave_expert_rejected_requests_total"), ("expert",)),
+    # ... and as its callers see it: a stalled replica's queue shows only here.
+    SeriesQuery("client_latency_seconds",
+                "sum by (replica) (rate(cleave_expert_client_call_seconds_sum{$sel}[$w])) / "
+                "sum by (replica) (rate(cleave_expert_client_call_seconds_count{$sel}[$w]))", ("expert",), "replica"),
+    SeriesQuery("client_latency_p90_seconds", "histogram_quantile(0.9, sum by (replica, le) "
+                "(rate(cleave_expert_client_call_seconds_bucket{$sel}[$w])))", ("expert",), "replica"),
 )
 
 # Redis, as every service's client sees it: one component, summed over the clients.
@@ -162,8 +169,8 @@ def call_graph(roles: dict[str, str]) -> dict[str, set[str]]:
     return graph
 
 
-def _instance_selector(component: str) -> str:
-    return f'{JOB},instance_id="{component}"'
+def _instance_selector(component: str, by: str = "instance_id") -> str:
+    return f'{JOB},{by}="{component}"'
 
 
 def default_rate_window(step: float) -> str:
@@ -213,9 +220,9 @@ def collect(prom_url: str, start: float, end: float, step: float, *,
     for query in SERIES:
         template = Template(query.expr)
         for series in api.query_range(template.substitute(sel=JOB, w=window, f=fresh), start, end, step):
-            component = series["metric"].get("instance_id")
+            component = series["metric"].get(query.by)
             if roles.get(component) in query.roles:
-                put(f"{component}_{query.metric}", series["values"], template, _instance_selector(component))
+                put(f"{component}_{query.metric}", series["values"], template, _instance_selector(component, query.by))
     for component in roles:
         column = columns[f"{component}_up"]
         seen = np.flatnonzero(~np.isnan(column))
