@@ -16,6 +16,9 @@ class EngineConfig:
     kv_cache_memory_mb: int = field(default=512, metadata={"help": "memory for the KV pool when num_kv_blocks is 0"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one batch"})
     max_num_batched_tokens: int = field(default=1024, metadata={"help": "token budget of one step (chunked prefill)"})
+    max_prefill_tokens_with_decode: int = field(default=256, metadata={
+        "help": "most prompt tokens computed in a step that also decodes (bounds the stall every running "
+                "request's next token waits for); 0: up to max_num_batched_tokens"})
     max_model_len: int = field(default=0, metadata={"help": "longest prompt+output; 0 takes the model's own limit"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prefixes"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 leaves torch's default"})
@@ -27,5 +30,7 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_prefill_tokens_with_decode < 0:
+            raise ValueError("max_prefill_tokens_with_decode must be >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")

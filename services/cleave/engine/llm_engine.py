@@ -69,7 +69,9 @@ class LLMEngine:
         )
         self.root_hash = model_fingerprint(config.model, config.dtype, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.root_hash)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.max_prefill_tokens_with_decode
+        )
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, dtype)
         self.sequences: dict[str, Sequence] = {}
         self.num_generated_tokens = 0

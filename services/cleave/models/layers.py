@@ -84,5 +84,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        hidden = self.gate_up_proj(x)
+        # In place on the gate half: the arithmetic of silu(gate) * up, without two temporaries.
+        gate = F.silu(hidden[..., : self.intermediate_size], inplace=True)
+        return self.down_proj(gate.mul_(hidden[..., self.intermediate_size :]))

@@ -46,8 +46,12 @@ class ExpertWeights(nn.Module):
 
 def run_expert(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """One SwiGLU expert: down(silu(gate(x)) * up(x)), gate and up stacked in ``gate_up``."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    hidden = F.linear(x, gate_up)
+    half = hidden.shape[-1] // 2
+    # In place on the gate half: the same arithmetic as silu(gate) * up without two
+    # [tokens, intermediate] temporaries; down reads the strided half without a copy.
+    gate = F.silu(hidden[..., :half], inplace=True)
+    return F.linear(gate.mul_(hidden[..., half:]), down)
 
 
 def expert_slot_outputs(
@@ -58,28 +62,34 @@ def expert_slot_outputs(
     expert and each hit expert runs once on its tokens. Slots of experts outside
     ``held`` stay zero, so a replica holding a subset fills only its own slots."""
     num_tokens, top_k = topk_ids.shape
-    slots = torch.zeros(num_tokens * top_k, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
     flat_ids = topk_ids.flatten()
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    flat_weights = topk_weights.flatten()
+    # One gather puts every routed row next to the others of its expert, so each expert
+    # reads a contiguous slice and writes its weighted output in place.
+    grouped = hidden.index_select(0, order // top_k)
+    weights = topk_weights.flatten().index_select(0, order).to(hidden.dtype)[:, None]
+    outputs = torch.empty_like(grouped) if held is None else torch.zeros_like(grouped)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
-        picks = order[start : start + count]
-        start += count
-        if held is not None and expert not in held:
-            continue
-        # index_add_ on small CPU tensors costs milliseconds; a plain scatter does not.
-        slots[picks] = run_expert(expert, hidden[picks // top_k]) * flat_weights[picks, None].to(hidden.dtype)
-    return slots
+        end = start + count
+        if held is None or expert in held:
+            torch.mul(run_expert(expert, grouped[start:end]), weights[start:end], out=outputs[start:end])
+        start = end
+    # index_add_ on small CPU tensors costs milliseconds; a plain scatter does not.
+    return torch.empty_like(outputs).index_copy_(0, order, outputs)
 
 
 def accumulate_slots(slots: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """Sum each token's slots in ascending expert order, the order Hugging Face
     accumulates in, so float32 results agree bit for bit wherever the slots came from."""
     num_tokens, top_k = topk_ids.shape
+    if top_k == 2:
+        # Float addition is commutative, so two slots need no reordering.
+        pair = slots.view(num_tokens, 2, -1)
+        return pair[:, 0] + pair[:, 1]
     slots = slots.view(num_tokens, top_k, -1).gather(
         1, topk_ids.argsort(dim=1, stable=True)[:, :, None].expand(-1, -1, slots.shape[-1])
     )
