@@ -146,6 +146,7 @@ def test_split_greedy_equals_transformers(cluster, hf_model):
     prompts = mixed_prompts(hf_model.config.vocab_size, 8, seed=81, min_len=3, max_len=60)
     prefill, decode = cluster.stubs()
     calls_before, timed_before = num_expert_calls(cluster), timed_expert_calls()
+    puts_before = timed_store_puts()
     outputs = [generate(prefill, decode, f"remote-{i}", prompt, greedy(MAX_TOKENS))[0]
                for i, prompt in enumerate(prompts)]
     assert all(len(tokens) == MAX_TOKENS for tokens in outputs)
@@ -158,10 +159,20 @@ def test_split_greedy_equals_transformers(cluster, hf_model):
         assert {r.instance_id for r in backend.replicas} == {"expert0", "expert1"}
     # The callers timed every call, by the replica's instance id.
     assert wait_until(lambda: timed_expert_calls() - timed_before == num_expert_calls(cluster) - calls_before, 5)
+    # ... and every request's put of its blocks to the store.
+    assert timed_store_puts() - puts_before == len(prompts)
 
 
 def num_expert_calls(cluster) -> int:
     return sum(server.expert_backend.num_calls for server in (cluster.prefill, cluster.decode))
+
+
+def timed_store_puts() -> float:
+    from cleave.common.kv_handoff import STORE_CALL_SECONDS
+
+    registry = CollectorRegistry()
+    registry.register(STORE_CALL_SECONDS)
+    return registry.get_sample_value("cleave_kvstore_client_call_seconds_count", {"store": "kvs-remote", "op": "put"}) or 0
 
 
 def timed_expert_calls() -> float:

@@ -16,7 +16,8 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Sequence
+import time
+from typing import Awaitable, Sequence, TypeVar
 
 import grpc
 import redis.asyncio as aioredis
@@ -42,6 +43,24 @@ from cleave.common.wire import FAILURE_CAUSE_KEY
 from cleave.protogen.cleave.v1 import common_pb2
 
 log = logging.getLogger("cleave.kv_handoff")
+
+T = TypeVar("T")
+
+# Each KV store as its callers see it: a stalled store's queue is invisible to its own
+# cleave_kvstore_transfer_seconds. WorkerMetrics serves it.
+STORE_CALL_SECONDS = Histogram(
+    "cleave_kvstore_client_call_seconds", "KV store calls of one request as the worker sees them, by store and op",
+    ["store", "op"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+async def timed_store_call(store: str, op: str, call: Awaitable[T]) -> T:
+    """``await call``, its duration (failures included) observed for ``store`` and ``op``."""
+    started = time.perf_counter()
+    try:
+        return await call
+    finally:
+        STORE_CALL_SECONDS.labels(store, op).observe(time.perf_counter() - started)
 
 
 # -- the KV store side ----------------------------------------------------------------------
@@ -123,7 +142,8 @@ class KVHandoff:
                 stats.num_errors += 1
         groups = group_for_read(block_hashes, owners, stores)
         results = await asyncio.gather(
-            *(self.client(by_id[sid].address).get_blocks(hashes, timeout=self.timeout) for sid, hashes in groups.items()),
+            *(timed_store_call(sid, "get", self.client(by_id[sid].address).get_blocks(hashes, timeout=self.timeout))
+              for sid, hashes in groups.items()),
             return_exceptions=True,
         )
         found: dict[int, bytes] = {}
@@ -182,7 +202,8 @@ class KVHandoff:
             stats.num_blocks += len(result.stored_hashes)
             stats.num_bytes += result.num_bytes
 
-        results = await asyncio.gather(*(one_store(s, h) for s, h in groups.items()), return_exceptions=True)
+        results = await asyncio.gather(*(timed_store_call(s, "put", one_store(s, h)) for s, h in groups.items()),
+                                       return_exceptions=True)
         for sid, result in zip(groups, results):
             if isinstance(result, BaseException):
                 log.warning("KV store write failed", extra={"store": sid, "error": str(result)})
@@ -333,6 +354,7 @@ class WorkerMetrics(MetricsHTTPServer):
             Gauge(p + name, doc, registry=r).set_function(lambda key=key: engine.stats().get(key, 0))
         r.register(EngineStatsCollector(p, engine.stats))
         r.register(EXPERT_CALL_SECONDS)
+        r.register(STORE_CALL_SECONDS)
 
     def count_transfer(self, direction: str, stats: TransferStats) -> None:
         self.kv_blocks.labels(direction=direction).inc(stats.num_blocks)

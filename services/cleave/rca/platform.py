@@ -89,7 +89,8 @@ SERIES: tuple[SeriesQuery, ...] = (
     SeriesQuery("ttft_p90_seconds", _p90("cleave_router_time_to_first_token_seconds"), ("router",)),
     SeriesQuery("tpot_seconds", _mean("cleave_router_inter_token_latency_seconds"), ("router",)),
     SeriesQuery("e2e_latency_seconds", _mean("cleave_router_e2e_request_latency_seconds"), ("router",)),
-    SeriesQuery("queue_wait_seconds", _mean("cleave_router_queue_wait_seconds"), ("router",)),
+    # A wait, so a latency: the router's admission and tokenizing, not a resource of its own.
+    SeriesQuery("queue_wait_latency_seconds", _mean("cleave_router_queue_wait_seconds"), ("router",)),
     SeriesQuery("running_requests", _gauge("cleave_router_requests_running"), ("router",)),
     SeriesQuery("generation_tokens_rate", _rate("cleave_router_generation_tokens_total"), ("router",)),
     # prefill and decode workers
@@ -115,6 +116,12 @@ SERIES: tuple[SeriesQuery, ...] = (
     SeriesQuery("rejected_error_rate", _rate("cleave_kvstore_rejected_requests_total"), ("kvstore",)),
     SeriesQuery("index_error_rate", _rate("cleave_kvstore_index_errors_total"), ("kvstore",)),
     SeriesQuery("stored_bytes", _gauge("cleave_kvstore_stored_bytes"), ("kvstore",)),
+    # ... and as its callers see it (prefill and decode workers, grouped by their `store` label).
+    SeriesQuery("client_latency_seconds",
+                "sum by (store) (rate(cleave_kvstore_client_call_seconds_sum{$sel}[$w])) / "
+                "sum by (store) (rate(cleave_kvstore_client_call_seconds_count{$sel}[$w]))", ("kvstore",), "store"),
+    SeriesQuery("client_latency_p90_seconds", "histogram_quantile(0.9, sum by (store, le) "
+                "(rate(cleave_kvstore_client_call_seconds_bucket{$sel}[$w])))", ("kvstore",), "store"),
     # expert replicas
     SeriesQuery("request_rate", _rate("cleave_expert_request_seconds_count"), ("expert",)),
     SeriesQuery("request_latency_seconds", _mean("cleave_expert_request_seconds"), ("expert",)),
