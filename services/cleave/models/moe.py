@@ -76,7 +76,7 @@ def expert_slot_outputs(
             continue
         end = start + count
         if held is None or expert in held:
-            torch.mul(run_expert(expert, grouped[start:end]), weights[start:end], out=outputs[start:end])
+            outputs[start:end] = run_expert(expert, grouped[start:end]).mul_(weights[start:end])
         start = end
     # index_add_ on small CPU tensors costs milliseconds; a plain scatter does not.
     return torch.empty_like(outputs).index_copy_(0, order, outputs)
