@@ -65,6 +65,7 @@ def test_metric_kinds():
     assert metric_kind("availability-Average") == "errors"
     assert metric_kind("CpuUsageRate(%)") == "resource"
     assert metric_kind("requests-Sum") == "traffic"
+    assert metric_kind("up") == "errors" and metric_kind("upstream_bytes") == "traffic"
 
 
 def test_change_point_finds_planted_shift():

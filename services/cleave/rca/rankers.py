@@ -116,7 +116,8 @@ def nsigma(table: MetricTable, anomaly_time: float, graph: Graph | None = None,
 
 
 LATENCY = re.compile(r"latency|duration|ttft|tpot|p\d\d", re.I)
-ERRORS = re.compile(r"error|fail|success|availab|exception|5xx", re.I)
+# ``up`` (Prometheus reached the target) is availability: a drop from 1 is a failure, not traffic.
+ERRORS = re.compile(r"error|fail|success|availab|exception|5xx|^up$", re.I)
 RESOURCE = re.compile(r"cpu|mem|gpu|disk|syscall|thread|gc|kv|cache|queue", re.I)
 
 
