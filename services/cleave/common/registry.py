@@ -32,6 +32,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from cleave.common.redis_metrics import async_client
+
 log = logging.getLogger("cleave.registry")
 
 PREFIX = "cleave:"
@@ -159,7 +161,7 @@ class AsyncRegistry:
 
     @classmethod
     def from_url(cls, url: str) -> "AsyncRegistry":
-        return cls(aioredis.Redis.from_url(url, decode_responses=True, **CLIENT_OPTIONS))
+        return cls(async_client(url, decode_responses=True, **CLIENT_OPTIONS))
 
     async def register(self, record: InstanceRecord, ttl: float = DEFAULT_TTL_SECONDS) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
