@@ -6,6 +6,8 @@ restart from the recorded command line, and bad requests get clear errors."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -92,3 +94,16 @@ def test_one_fault_per_target_and_none_without_a_platform(home, tmp_path, monkey
     monkeypatch.setenv("CLEAVE_HOME", str(tmp_path / "elsewhere"))
     assert faults.run_command("fault", ["inject", "kvstore-slow"]) == 1
     assert "cleave is not running here" in capsys.readouterr().err
+
+
+def test_a_fault_whose_injector_died_is_restored_by_the_next_command(home, capsys):
+    target = home.state("prefill-0")
+    record = faults.inject("prefill-stall", duration=60)
+    assert wait_until(lambda: proc_state(target.pid) == "T", 2.0, interval=0.01)
+    os.kill(record.injector_pid, signal.SIGKILL)
+    assert wait_until(lambda: not is_alive(record.injector_pid), 5)
+    assert proc_state(target.pid) == "T"  # nobody restored it yet
+    assert faults.run_command("fault", ["list"]) == 0
+    assert proc_state(target.pid) != "T"
+    ended = faults.load(record.id)
+    assert ended.state == "ended" and "injector" in ended.detail["error"] and record.id in capsys.readouterr().out

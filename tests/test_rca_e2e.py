@@ -21,7 +21,9 @@ from cleave.observability.prometheus_api import PrometheusAPI, PrometheusUnavail
 from local_platform import Platform
 
 # --max-num-seqs 8: the decode pool's capacity, which decode-overload's 24 streams exceed.
-WORKER_FLAGS = ["--num-kv-blocks", "256", "--max-model-len", "512", "--block-size", "16", "--max-num-seqs", "8"]
+# The agent is run by the test (cleave diagnose), not as cleave up's service.
+UP_FLAGS = ["--num-kv-blocks", "256", "--max-model-len", "512", "--block-size", "16", "--max-num-seqs", "8",
+                "--no-agent"]
 STEP = 2.0
 RATE_WINDOW = 10.0  # collect()'s rate window at a 2 s step: rates lag a change by this much
 NORMAL_SECONDS = 14.0  # normal rows recorded before each fault
@@ -83,7 +85,7 @@ class Traffic:
 
 @pytest.fixture(scope="module")
 def platform(tiny_models, tmp_path_factory):
-    p = Platform(tmp_path_factory.mktemp("platform-rca-e2e"), tiny_models["mixtral"], *WORKER_FLAGS, prometheus=True)
+    p = Platform(tmp_path_factory.mktemp("platform-rca-e2e"), tiny_models["mixtral"], *UP_FLAGS, prometheus=True)
     p.prometheus = PrometheusAPI(f"http://127.0.0.1:{p.prometheus_port}")
     try:
         p.up()
@@ -143,12 +145,13 @@ def test_agent_names_the_injected_component(platform, kind):
         shown = wait_for(f"{kind} to show in Prometheus ({SHOWS[kind]})", lambda: value(platform, SHOWS[kind]) is not None, 60)
         wait_for("anomalous rows in Prometheus", lambda: newest_scrape(platform) >= shown + ANOMALY_SECONDS, 60)
         end = time.time()
-        result = platform.cleave(
-            "diagnose", "--json", "--no-llm", "--quiet", "--prometheus-url", platform.prometheus.url,
-            "--window", f"{end - normal_start:.0f}", "--end", f"{end:.3f}", "--step", str(STEP),
-            "--anomaly-time", f"{record['start']:.3f}", "--redis-url", "", "--events-bootstrap", "", timeout=120)
     finally:
         cleared = fault(platform, "clear")
+    # The window is over: the diagnosis of it runs while the platform recovers.
+    result = platform.cleave(
+        "diagnose", "--json", "--no-llm", "--quiet", "--prometheus-url", platform.prometheus.url,
+        "--window", f"{end - normal_start:.0f}", "--end", f"{end:.3f}", "--step", str(STEP),
+        "--anomaly-time", f"{record['start']:.3f}", "--redis-url", "", "--events-bootstrap", "", timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     root = report["root_cause"]

@@ -327,13 +327,36 @@ def clear(fault_id: str | None = None, timeout: float = RESTART_TIMEOUT_SECONDS 
     for record in active:
         if record.injector_pid:
             wait_until(lambda: not is_alive(record.injector_pid), timeout)
-        if record.mechanism in ("throttle", "stop") and record.target_pid and is_alive(record.target_pid):
-            signal_group(record.target_pid, signal.SIGCONT)
-        current = load(record.id)
-        if current.state == "active":
-            current.state, current.ended_at = "cleared", time.time()
-            save(current)
+        _restore(record, "cleared")
     return [load(r.id) for r in active]
+
+
+def _restore(record: FaultRecord, state: str) -> None:
+    """Undo what a fault whose injector is gone left behind: SIGCONT a stopped target,
+    start a killed one again; then close its record."""
+    if record.mechanism in ("throttle", "stop") and record.target_pid and is_alive(record.target_pid):
+        signal_group(record.target_pid, signal.SIGCONT)
+    current = load(record.id)
+    if current.state != "active":
+        return
+    if record.mechanism == "kill":
+        known = Supervisor(cleave_home() / "run").state(record.target)
+        if known is not None and not is_alive(known.pid, known.start_ticks):
+            restart(known.name, known.argv, known.health_url, known.info)
+    current.state, current.ended_at = state, time.time()
+    save(current)
+
+
+def reap_orphans() -> list[FaultRecord]:
+    """Active faults whose injector died (killed, or the machine's OOM killer): restored
+    and closed as ``ended``, with the reason in ``detail``."""
+    orphans = [r for r in records() if r.state == "active" and r.injector_pid and not is_alive(r.injector_pid)]
+    for record in orphans:
+        current = load(record.id)
+        current.detail["error"] = f"the injector (pid {record.injector_pid}) died; restored by {os.getpid()}"
+        save(current)
+        _restore(current, "ended")
+    return [load(r.id) for r in orphans]
 
 
 def wait_ended(fault_id: str, timeout: float) -> FaultRecord:
@@ -380,6 +403,7 @@ def run_command(command: str, argv: Sequence[str]) -> int:
     try:
         if args.action == "run":
             return run_injector(args.id)
+        reap_orphans()
         if args.action == "inject":
             record = inject(args.kind, args.target, args.duration, args.intensity)
             if args.wait:
