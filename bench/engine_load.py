@@ -1,6 +1,7 @@
 """The engine under a burst: every request at once, against an older commit, in one run.
 
     python bench/engine_load.py [--model smollm2-moe] [--baseline REV] [--repeats 3]
+        [--config FIELD=VALUE] [--variant FIELD=VALUE]
 
 ``--requests`` prompts of ``--input-len`` random token ids are all added to one
 `LLMEngine` at time zero and run to ``--output-len`` greedy tokens each (``ignore_eos``),
@@ -12,7 +13,10 @@ The baseline is the engine at git revision ``--baseline``, checked out into a te
 worktree; each side runs in a fresh process (the baseline's with that worktree's
 ``services/`` first on ``PYTHONPATH``), sides alternate, and medians are reported, so a
 busy neighbour slows whichever side runs at that moment rather than one side. Ratios are
-new / baseline: below 1x is faster for latencies, above 1x is more tokens/s."""
+new / baseline: below 1x is faster for latencies, above 1x is more tokens/s. ``--config``
+sets an `EngineConfig` field on this tree's side; each ``--variant`` adds a side of this
+tree with one more field set. Every side must produce the same tokens; a warning says
+when they do not."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ class EngineConfig:
     kv_cache_memory_mb: int = field(default=512, metadata={"help": "memory for the KV pool when num_kv_blocks is 0"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one batch"})
     max_num_batched_tokens: int = field(default=1024, metadata={"help": "token budget of one step (chunked prefill)"})
-    max_prefill_tokens_with_decode: int = field(default=256, metadata={
+    max_prefill_tokens_with_decode: int = field(default=0, metadata={
         "help": "most prompt tokens computed in a step that also decodes (bounds the stall every running "
                 "request's next token waits for); 0: up to max_num_batched_tokens"})
     max_model_len: int = field(default=0, metadata={"help": "longest prompt+output; 0 takes the model's own limit"})
