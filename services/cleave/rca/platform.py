@@ -69,6 +69,19 @@ def _gauge(metric: str) -> str:
     return f"sum by (instance_id) (last_over_time({metric}{{$sel}}[$f]))"
 
 
+def _callers_mean(metric: str, callee: str) -> str:
+    """A callee's mean latency as its callers measure it: each caller's mean, then the
+    least of them. A slow callee is slow for every caller, while an overloaded caller (its
+    CPU, its event loop) inflates what it alone measures."""
+    return (f"min by ({callee}) (sum by ({callee}, instance_id) (rate({metric}_sum{{$sel}}[$w])) / "
+            f"(sum by ({callee}, instance_id) (rate({metric}_count{{$sel}}[$w])) > 0))")
+
+
+def _callers_p90(metric: str, callee: str) -> str:
+    return (f"min by ({callee}) (histogram_quantile(0.9, "
+            f"sum by ({callee}, instance_id, le) (rate({metric}_bucket{{$sel}}[$w]))))")
+
+
 _GENERATE = ',endpoint=~"completions|chat_completions|grpc_generate"'
 WORKERS = ("prefill", "decode")
 ALL = ("router", "prefill", "decode", "kvstore", "expert")
@@ -117,11 +130,10 @@ SERIES: tuple[SeriesQuery, ...] = (
     SeriesQuery("index_error_rate", _rate("cleave_kvstore_index_errors_total"), ("kvstore",)),
     SeriesQuery("stored_bytes", _gauge("cleave_kvstore_stored_bytes"), ("kvstore",)),
     # ... and as its callers see it (prefill and decode workers, grouped by their `store` label).
-    SeriesQuery("client_latency_seconds",
-                "sum by (store) (rate(cleave_kvstore_client_call_seconds_sum{$sel}[$w])) / "
-                "sum by (store) (rate(cleave_kvstore_client_call_seconds_count{$sel}[$w]))", ("kvstore",), "store"),
-    SeriesQuery("client_latency_p90_seconds", "histogram_quantile(0.9, sum by (store, le) "
-                "(rate(cleave_kvstore_client_call_seconds_bucket{$sel}[$w])))", ("kvstore",), "store"),
+    SeriesQuery("client_latency_seconds", _callers_mean("cleave_kvstore_client_call_seconds", "store"),
+                ("kvstore",), "store"),
+    SeriesQuery("client_latency_p90_seconds", _callers_p90("cleave_kvstore_client_call_seconds", "store"),
+                ("kvstore",), "store"),
     # expert replicas
     SeriesQuery("request_rate", _rate("cleave_expert_request_seconds_count"), ("expert",)),
     SeriesQuery("request_latency_seconds", _mean("cleave_expert_request_seconds"), ("expert",)),
@@ -129,14 +141,15 @@ SERIES: tuple[SeriesQuery, ...] = (
     SeriesQuery("token_rate", _rate("cleave_expert_tokens_total"), ("expert",)),
     SeriesQuery("rejected_error_rate", _rate("cleave_expert_rejected_requests_total"), ("expert",)),
     # ... and as its callers see it: a stalled replica's queue shows only here.
-    SeriesQuery("client_latency_seconds",
-                "sum by (replica) (rate(cleave_expert_client_call_seconds_sum{$sel}[$w])) / "
-                "sum by (replica) (rate(cleave_expert_client_call_seconds_count{$sel}[$w]))", ("expert",), "replica"),
-    SeriesQuery("client_latency_p90_seconds", "histogram_quantile(0.9, sum by (replica, le) "
-                "(rate(cleave_expert_client_call_seconds_bucket{$sel}[$w])))", ("expert",), "replica"),
+    SeriesQuery("client_latency_seconds", _callers_mean("cleave_expert_client_call_seconds", "replica"),
+                ("expert",), "replica"),
+    SeriesQuery("client_latency_p90_seconds", _callers_p90("cleave_expert_client_call_seconds", "replica"),
+                ("expert",), "replica"),
 )
 
-# Redis, as every service's client sees it: one component, summed over the clients.
+# Redis, as every service's client sees it, summed over the clients. Not the least of the
+# clients' views as for the other callees: most clients only heartbeat, a few commands a
+# window, and one that happens to land between Redis' stalls would hide them.
 REDIS_SERIES: tuple[tuple[str, str], ...] = (
     ("command_latency_seconds", "sum(rate(cleave_redis_command_seconds_sum{$sel}[$w])) / "
                                 "sum(rate(cleave_redis_command_seconds_count{$sel}[$w]))"),
