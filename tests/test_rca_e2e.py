@@ -26,8 +26,8 @@ UP_FLAGS = ["--num-kv-blocks", "256", "--max-model-len", "512", "--block-size", 
                 "--no-agent"]
 STEP = 2.0
 RATE_WINDOW = 10.0  # collect()'s rate window at a 2 s step: rates lag a change by this much
-NORMAL_SECONDS = 14.0  # normal rows recorded before each fault
-ANOMALY_SECONDS = 10.0  # anomalous rows recorded after the fault shows
+NORMAL_SECONDS = 12.0  # normal rows recorded before each fault
+ANOMALY_SECONDS = 8.0  # anomalous rows recorded after the fault shows
 FAULT_SECONDS = 90  # each fault ends by itself after this; the test clears it sooner
 KINDS = ["kvstore-slow", "expert-slow", "redis-latency", "prefill-stall", "decode-overload", "kvstore-kill", "expert-kill"]
 COMPONENTS = {"router-0", "prefill-0", "decode-0", "decode-1", "kvstore-0", "expert-0", "expert-1"}
@@ -39,8 +39,8 @@ def fresh(selector: str) -> str:
 
 # PromQL that has a value once the fault shows in Prometheus (scrapes every 2 s).
 SHOWS: dict[str, str] = {
-    "kvstore-slow": 'max_over_time(scrape_duration_seconds{instance_id="kvstore-0"}[6s]) > 0.05',
-    "expert-slow": 'max_over_time(scrape_duration_seconds{instance_id="expert-0"}[6s]) > 0.05',
+    "kvstore-slow": 'max_over_time(scrape_duration_seconds{instance_id="kvstore-0"}[6s]) > 0.1',
+    "expert-slow": 'max_over_time(scrape_duration_seconds{instance_id="expert-0"}[6s]) > 0.1',
     "redis-latency": "sum(rate(cleave_redis_command_seconds_sum[6s])) / sum(rate(cleave_redis_command_seconds_count[6s])) > 0.01",
     "prefill-stall": fresh('instance_id="prefill-0"') + " == 0",
     "decode-overload": 'sum(cleave_decode_waiting_requests{job="cleave"}) > 0',
@@ -137,7 +137,8 @@ def test_agent_names_the_injected_component(platform, kind):
     recovered = wait_for("the platform to be healthy", lambda: healthy(platform), 300)
     normal_start = recovered + RATE_WINDOW
     wait_for("a normal window in Prometheus", lambda: newest_scrape(platform) >= normal_start + NORMAL_SECONDS, 120)
-    assert value(platform, SHOWS[kind]) is None, f"{kind}'s signal shows before the fault"
+    # A busy machine can briefly look like a mild fault: start from a calm moment.
+    wait_for(f"{kind}'s signal to be absent before the fault", lambda: value(platform, SHOWS[kind]) is None, 60)
 
     record = fault(platform, "inject", kind, "--duration", str(FAULT_SECONDS))
     try:
