@@ -147,14 +147,15 @@ SERIES: tuple[SeriesQuery, ...] = (
                 ("expert",), "replica"),
 )
 
-# Redis, as every service's client sees it, summed over the clients. Not the least of the
-# clients' views as for the other callees: most clients only heartbeat, a few commands a
-# window, and one that happens to land between Redis' stalls would hide them.
+# Redis, as every service's client sees it: the median of the clients' own figures. Not
+# their least, as for the other callees: most clients only heartbeat, a few commands a
+# window, and one that happens to land between Redis' stalls would hide them; not their sum,
+# which the busiest clients lead, and an overload slows exactly those.
 REDIS_SERIES: tuple[tuple[str, str], ...] = (
-    ("command_latency_seconds", "sum(rate(cleave_redis_command_seconds_sum{$sel}[$w])) / "
-                                "sum(rate(cleave_redis_command_seconds_count{$sel}[$w]))"),
-    ("command_latency_p90_seconds",
-     "histogram_quantile(0.9, sum by (le) (rate(cleave_redis_command_seconds_bucket{$sel}[$w])))"),
+    ("command_latency_seconds", "quantile(0.5, sum by (instance_id) (rate(cleave_redis_command_seconds_sum{$sel}[$w])) / "
+                                "(sum by (instance_id) (rate(cleave_redis_command_seconds_count{$sel}[$w])) > 0))"),
+    ("command_latency_p90_seconds", "quantile(0.5, histogram_quantile(0.9, sum by (instance_id, le) "
+                                    "(rate(cleave_redis_command_seconds_bucket{$sel}[$w]))) >= 0)"),
     ("command_rate", "sum(rate(cleave_redis_command_seconds_count{$sel}[$w]))"),
     ("command_error_rate", "sum(rate(cleave_redis_command_errors_total{$sel}[$w]))"),
 )
