@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -123,6 +124,8 @@ class RemoteExpertBackend:
         self._next_refresh = 0.0
         self._down_until: dict[str, float] = {}
         self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.ExpertStub]] = {}
+        # CALL_SECONDS child per address, looked up once rather than on every call.
+        self._call_seconds: dict[str, Any] = {}
         self.num_forwards = 0
         self.num_calls = 0
         self.num_failovers = 0
@@ -145,6 +148,7 @@ class RemoteExpertBackend:
             return
         addresses = {replica.address for replica in self.static}
         self.replicas = self.static + [replica for replica in found if replica.address not in addresses]
+        self._call_seconds.clear()  # an address may now name another instance
 
     def close(self) -> None:
         for channel, _ in self._stubs.values():
@@ -250,9 +254,12 @@ class RemoteExpertBackend:
         )
         self.num_calls += 1
         future = self._stub(address).RunExperts.future(request, timeout=self.timeout)
-        replica = next((r.instance_id for r in self.replicas if r.address == address and r.instance_id), address)
+        seconds = self._call_seconds.get(address)
+        if seconds is None:
+            replica = next((r.instance_id for r in self.replicas if r.address == address and r.instance_id), address)
+            seconds = self._call_seconds[address] = CALL_SECONDS.labels(replica)
         sent = time.perf_counter()
-        future.add_done_callback(lambda _: CALL_SECONDS.labels(replica).observe(time.perf_counter() - sent))
+        future.add_done_callback(lambda _: seconds.observe(time.perf_counter() - sent))
         return address, experts, rows, future
 
     @staticmethod

@@ -10,18 +10,17 @@ Redis list the router's /dashboard reads (docs/observability.md)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any, Mapping
 
+from cleave.observability import status_lists
 from cleave.observability.prometheus_api import PrometheusAPI, PrometheusUnavailable
+from cleave.observability.status_lists import DECISIONS_KEY
 
 log = logging.getLogger(__name__)
 
 SCALED_ROLES = ("prefill", "decode")
 IDLE_FRACTION = 0.5  # both quantiles under half their targets: a pool can give one back
-DECISIONS_KEY = "cleave:scaling:decisions"
-DECISIONS_KEPT = 100
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -171,16 +170,7 @@ def push_decision(redis_url: str, entry: Mapping[str, Any]) -> bool:
     failure is logged and answered False, never raised."""
     if not redis_url:
         return False
-    try:
-        import redis
-
-        client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-        try:
-            client.lpush(DECISIONS_KEY, json.dumps(dict(entry)))
-            client.ltrim(DECISIONS_KEY, 0, DECISIONS_KEPT - 1)
-        finally:
-            client.close()
-        return True
-    except Exception as error:  # noqa: BLE001 - the dashboard's list is best effort
+    error = status_lists.push(redis_url, DECISIONS_KEY, entry, timeout=2)
+    if error:
         log.warning("scaling decision not written to Redis %s: %s", DECISIONS_KEY, error)
-        return False
+    return error is None

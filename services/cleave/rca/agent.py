@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cleave.observability import status_lists
 from cleave.observability.prometheus_api import PrometheusUnavailable
+from cleave.observability.status_lists import DIAGNOSES_KEY
 from cleave.rca import report as reports
 from cleave.rca.changepoint import detect_anomaly_time
 from cleave.rca.llm import LlmConfig, investigate
@@ -28,9 +30,7 @@ from cleave.rca.rankers import RANKERS, ComponentScore, metric_kind
 from cleave.rca.timeseries import MetricsError
 from cleave.rca.tools import Tools
 
-DIAGNOSES_KEY = "cleave:diagnoses"
 DIAGNOSES_TOPIC = "cleave.diagnoses.v1"
-DIAGNOSES_KEPT = 100
 EVIDENCE_SCALES = 5.0
 NUM_RANKED = 5
 QUERY_RESULT_CHARS = 1500
@@ -270,16 +270,6 @@ def digest(report: reports.Report, link: str = "") -> dict[str, Any]:
 
 
 def push_redis(redis_url: str, entry: dict[str, Any]) -> str | None:
-    """LPUSH ``entry`` to ``cleave:diagnoses`` and keep the newest ``DIAGNOSES_KEPT``; the
-    error text when Redis cannot take it (never raised: the report exists anyway)."""
-    try:
-        import redis
-
-        client = redis.Redis.from_url(redis_url, socket_timeout=3, socket_connect_timeout=3)
-        try:
-            client.pipeline().lpush(DIAGNOSES_KEY, json.dumps(entry)).ltrim(DIAGNOSES_KEY, 0, DIAGNOSES_KEPT - 1).execute()
-        finally:
-            client.close()
-        return None
-    except Exception as exc:
-        return f"Redis {redis_url}: {exc}"
+    """LPUSH ``entry`` to ``cleave:diagnoses`` and keep the newest 100; the error text when
+    Redis cannot take it (never raised: the report exists anyway)."""
+    return status_lists.push(redis_url, DIAGNOSES_KEY, entry)

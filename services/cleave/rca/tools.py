@@ -17,8 +17,8 @@ from typing import Any
 
 from cleave.events.schema import DEFAULT_TOPIC
 from cleave.observability.prometheus_api import PrometheusAPI
+from cleave.observability.status_lists import DECISIONS_KEY
 
-DECISIONS_KEY = "cleave:scaling:decisions"
 NUM_EVENTS_PER_PARTITION = 2000
 
 

@@ -25,13 +25,12 @@ from typing import Any, Callable, Sequence
 
 from fastapi.responses import HTMLResponse
 
+from cleave.observability.status_lists import DECISIONS_KEY, DIAGNOSES_KEY
 from cleave.router.dashboard_page import PAGE
 from cleave.router.workers import HEALTH_SERVING, ROLES
 
 log = logging.getLogger("cleave.router")
 
-DECISIONS_KEY = "cleave:scaling:decisions"
-DIAGNOSES_KEY = "cleave:diagnoses"
 NUM_RECENT = 10
 GENERATION_ENDPOINTS = ("completions", "chat_completions", "grpc_generate")
 
