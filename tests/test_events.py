@@ -320,15 +320,28 @@ def test_broker_away_costs_drops_not_requests_and_events_flow_again(platform):
 def test_request_no_decode_worker_can_take_ends_with_failed(platform):
     # Last in the module: it leaves the platform without a decode worker.
     platform.kill("decode-0")
-    response = platform.complete([9, 8, 7, 6])
-    assert response.status_code in (500, 503), response.text
+    # After the broker restart of the test above, Tansu may still refuse a partition's first
+    # writes (docs/events.md): as there, requests are sent until one's events get through
+    # whole, and every one of them must fail.
+    found: list = []
+    attempts = 0
 
-    def failed_one(events):
-        return any(e["type"] == "failed" for e in events)
+    def failed_in_full() -> bool:
+        nonlocal attempts
+        response = platform.complete([9, 8, 7, 6])
+        assert response.status_code in (500, 503), response.text
+        attempts += 1
+        events = collect(platform.bootstrap, "cleave.requests.v1",
+                         lambda events: sum(e["type"] == "failed" for e in events) >= attempts, timeout=10)
+        for failed in (e for e in events if e["type"] == "failed"):
+            sequence = [e["type"] for e in by_request(events)[failed["request_id"]]]
+            if sequence[0] == "arrived":
+                found[:] = [failed, sequence]
+                return True
+        return False
 
-    events = collect(platform.bootstrap, "cleave.requests.v1", failed_one)
-    (failed,) = [e for e in events if e["type"] == "failed"]
-    sequence = [e["type"] for e in by_request(events)[failed["request_id"]]]
+    assert wait_until(failed_in_full, 120, interval=0.1), "no failed request's events arrived whole"
+    failed, sequence = found
     assert sequence[:4] == ["arrived", "admitted", "routed", "prefill_done"], sequence
     assert sequence[-1] == "failed" and "finished" not in sequence, sequence
     assert failed["status"] == 503 and "decode" in failed["error"], failed
