@@ -27,6 +27,7 @@ from cleave.common.engine_metrics import EngineStatsCollector
 from cleave.common import redis_metrics
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.metrics_http import MetricsHTTPServer
+from cleave.common.startup import freeze_startup_heap
 from cleave.common.registry import CLIENT_OPTIONS, DEFAULT_REDIS_URL, AsyncRegistration, AsyncRegistry, InstanceRecord
 from cleave.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from cleave.engine.config import EngineConfig
@@ -486,6 +487,7 @@ def run_worker(role: str, config_cls: type, server_cls: type, command: str, argv
     async def serve() -> int:
         server = server_cls(config)
         await server.start(install_signal_handlers=True)
+        freeze_startup_heap()
         await server.grpc.wait_for_termination()
         return 0
 

@@ -206,7 +206,7 @@ class LLMEngine:
 
     def import_blocks(self, blocks: list[KVBlock]) -> int:
         """Put blocks computed elsewhere into the prefix cache; returns how many were new."""
-        expected_shape = tuple(self.runner.kv_cache[:, :, 0].shape)
+        expected_shape = self.runner.block_shape
         imported = 0
         for block in blocks:
             if tuple(block.data.shape) != expected_shape:

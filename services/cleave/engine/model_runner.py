@@ -17,9 +17,11 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
-        # One allocation for every layer: [layers, 2 (k, v), blocks, block_size, kv heads, head dim].
+        # One allocation for every layer: [layers, 2 (k, v), blocks, kv heads, block_size, head dim],
+        # head-major inside a block (cleave.models.attention says why).
+        self.num_kv_heads = config.num_key_value_heads
         self.kv_cache = torch.zeros(
-            config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
+            config.num_hidden_layers, 2, num_blocks, config.num_key_value_heads, block_size, config.head_dim,
             dtype=dtype, device=self.device,
         )
         self.kv_caches = list(self.kv_cache.unbind(0))
@@ -50,6 +52,7 @@ class ModelRunner:
             [item.seq.num_computed_tokens + item.num_new_tokens for item in batch],
             [item.seq.block_table for item in batch],
             self.block_size,
+            self.num_kv_heads,
             self.device,
         )
         hidden = self.model(
@@ -73,8 +76,15 @@ class ModelRunner:
         )
         return {seq.request_id: (tok, lp) for seq, tok, lp in zip(finishing, tokens, logprobs)}
 
+    # A block leaves and enters the engine token-major, [layers, 2, block_size, kv heads,
+    # head dim], whatever the layout inside: the KV store and other workers hold that.
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        layers, _, _, kv_heads, block_size, head_dim = self.kv_cache.shape
+        return (layers, 2, block_size, kv_heads, head_dim)
+
     def read_block(self, block_id: int) -> torch.Tensor:
-        return self.kv_cache[:, :, block_id].contiguous().cpu()
+        return self.kv_cache[:, :, block_id].transpose(2, 3).contiguous().cpu()
 
     def write_block(self, block_id: int, data: torch.Tensor) -> None:
-        self.kv_cache[:, :, block_id].copy_(data.to(self.kv_cache.device, self.kv_cache.dtype))
+        self.kv_cache[:, :, block_id].copy_(data.to(self.kv_cache.device, self.kv_cache.dtype).transpose(2, 3))
