@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,7 @@ class RemoteExpertBackend:
         self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.ExpertStub]] = {}
         # CALL_SECONDS child per address, looked up once rather than on every call.
         self._call_seconds: dict[str, Any] = {}
+        self._pool: ThreadPoolExecutor | None = None  # the calls beside the last, when a layer needs several
         self.num_forwards = 0
         self.num_calls = 0
         self.num_failovers = 0
@@ -151,6 +153,9 @@ class RemoteExpertBackend:
         self._call_seconds.clear()  # an address may now name another instance
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
         for channel, _ in self._stubs.values():
             channel.close()
         self._stubs.clear()
@@ -182,8 +187,10 @@ class RemoteExpertBackend:
                 self.refresh()
                 refreshed = True
                 continue
-            calls = [self._send(address, layer, experts, hidden, topk_ids, topk_weights)
-                     for address, experts in plan.items()]
+            calls = self._send_all(
+                [self._request(layer, experts, hidden, topk_ids, topk_weights) for experts in plan.values()],
+                list(plan),
+            )
             for address, experts, rows, future in calls:
                 try:
                     response = future.result()
@@ -245,22 +252,46 @@ class RemoteExpertBackend:
             self._stubs[address] = (channel, pb_grpc.ExpertStub(channel))
         return self._stubs[address][1]
 
-    def _send(self, address: str, layer: int, experts: list[int], hidden: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor):
+    @staticmethod
+    def _request(layer: int, experts: list[int], hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> tuple[list[int], torch.Tensor, pb.RunExpertsRequest]:
         rows = torch.isin(topk_ids, torch.tensor(experts)).any(dim=1).nonzero().flatten()
         request = pb.RunExpertsRequest(
             layer=layer, hidden_states=to_proto(hidden[rows]), topk_ids=to_proto(topk_ids[rows]),
             topk_weights=to_proto(topk_weights[rows]), expert_ids=experts,
         )
-        self.num_calls += 1
-        future = self._stub(address).RunExperts.future(request, timeout=self.timeout)
+        return experts, rows, request
+
+    def _send_all(self, requests: list[tuple[list[int], torch.Tensor, pb.RunExpertsRequest]],
+                  addresses: list[str]) -> list[tuple[str, list[int], torch.Tensor, Future]]:
+        """Run the calls at once: all but the last on the call threads, the last on this
+        one. Blocking calls, not ``.future()``: a sync channel starts a polling thread
+        whenever its count of future calls rises from zero, which here was once per MoE
+        layer per step, and cost more CPU than the call itself."""
+        self.num_calls += len(requests)
+        if len(requests) > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="expert-call")
+        futures: list[Future] = [self._pool.submit(self._call, address, request)
+                                 for address, (_, _, request) in zip(addresses[:-1], requests[:-1])]
+        last = Future()
+        try:
+            last.set_result(self._call(addresses[-1], requests[-1][2]))
+        except grpc.RpcError as exc:
+            last.set_exception(exc)
+        futures.append(last)
+        return [(address, experts, rows, future)
+                for address, (experts, rows, _), future in zip(addresses, requests, futures)]
+
+    def _call(self, address: str, request: pb.RunExpertsRequest) -> pb.RunExpertsResponse:
         seconds = self._call_seconds.get(address)
         if seconds is None:
             replica = next((r.instance_id for r in self.replicas if r.address == address and r.instance_id), address)
             seconds = self._call_seconds[address] = CALL_SECONDS.labels(replica)
         sent = time.perf_counter()
-        future.add_done_callback(lambda _: seconds.observe(time.perf_counter() - sent))
-        return address, experts, rows, future
+        try:
+            return self._stub(address).RunExperts(request, timeout=self.timeout)
+        finally:
+            seconds.observe(time.perf_counter() - sent)
 
     @staticmethod
     def _place(slots: torch.Tensor, response: pb.RunExpertsResponse, address: str, layer: int, experts: list[int],

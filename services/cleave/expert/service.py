@@ -27,6 +27,8 @@ log = logging.getLogger("cleave.expert")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Expert"].full_name
 ROLE = "expert"
+# Calls with at most this many tokens run on the event loop itself (see RunExperts).
+INLINE_MAX_TOKENS = 64
 
 
 class InvalidRequest(ValueError):
@@ -99,11 +101,17 @@ class ExpertServicer(pb_grpc.ExpertServicer):
         except InvalidRequest as exc:
             self.metrics.rejected.labels(code=grpc.StatusCode.INVALID_ARGUMENT.name).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        # Off the event loop, so health checks and other calls are answered meanwhile.
         self.load["num_in_flight"] += 1
         try:
-            rows, indices, ran = await asyncio.to_thread(
-                run_experts, self.experts, request.layer, hidden, ids, weights, held)
+            if hidden.shape[0] <= INLINE_MAX_TOKENS:
+                # A decode step's share takes well under a millisecond here; the hop to a
+                # worker thread and back (a self-pipe write to wake the loop) cost more.
+                rows, indices, ran = run_experts(self.experts, request.layer, hidden, ids, weights, held)
+            else:
+                # Off the event loop, so health checks and other calls are answered meanwhile
+                # and two large calls can run at once.
+                rows, indices, ran = await asyncio.to_thread(
+                    run_experts, self.experts, request.layer, hidden, ids, weights, held)
         finally:
             self.load["num_in_flight"] -= 1
         self.load["num_calls"] += 1
