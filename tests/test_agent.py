@@ -37,7 +37,8 @@ from cleave.events.schema import make_event
 from cleave.events.consumer import tail
 from cleave.launcher import port_in_use, wait_until
 from cleave.observability.prometheus import alertmanager_config, write_yaml
-from cleave.rca.agent import DIAGNOSES_KEY, DIAGNOSES_TOPIC, DISABLED, diagnose
+from cleave.observability.status_lists import DIAGNOSES_KEY
+from cleave.rca.agent import DIAGNOSES_TOPIC, DISABLED, diagnose
 from cleave.rca.llm import LlmConfig
 from local_platform import free_port
 from recorded_incident import ROOT_CAUSE, Incident, RecordedPrometheus

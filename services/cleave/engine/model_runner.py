@@ -19,7 +19,6 @@ class ModelRunner:
         self.block_size = block_size
         # One allocation for every layer: [layers, 2 (k, v), blocks, kv heads, block_size, head dim],
         # head-major inside a block (cleave.models.attention says why).
-        self.num_kv_heads = config.num_key_value_heads
         self.kv_cache = torch.zeros(
             config.num_hidden_layers, 2, num_blocks, config.num_key_value_heads, block_size, config.head_dim,
             dtype=dtype, device=self.device,
@@ -52,7 +51,7 @@ class ModelRunner:
             [item.seq.num_computed_tokens + item.num_new_tokens for item in batch],
             [item.seq.block_table for item in batch],
             self.block_size,
-            self.num_kv_heads,
+            self.kv_cache.shape[3],  # kv heads
             self.device,
         )
         hidden = self.model(

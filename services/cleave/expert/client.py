@@ -187,11 +187,10 @@ class RemoteExpertBackend:
                 self.refresh()
                 refreshed = True
                 continue
-            calls = self._send_all(
-                [self._request(layer, experts, hidden, topk_ids, topk_weights) for experts in plan.values()],
-                list(plan),
-            )
-            for address, experts, rows, future in calls:
+            shares = [(address, experts, *self._request(layer, experts, hidden, topk_ids, topk_weights))
+                      for address, experts in plan.items()]
+            futures = self._send_all([(address, request) for address, _, _, request in shares])
+            for (address, experts, rows, _), future in zip(shares, futures):
                 try:
                     response = future.result()
                 except grpc.RpcError as exc:
@@ -254,33 +253,30 @@ class RemoteExpertBackend:
 
     @staticmethod
     def _request(layer: int, experts: list[int], hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> tuple[list[int], torch.Tensor, pb.RunExpertsRequest]:
+                 topk_weights: torch.Tensor) -> tuple[torch.Tensor, pb.RunExpertsRequest]:
+        """The rows routed to ``experts`` and the call that sends them."""
         rows = torch.isin(topk_ids, torch.tensor(experts)).any(dim=1).nonzero().flatten()
         request = pb.RunExpertsRequest(
             layer=layer, hidden_states=to_proto(hidden[rows]), topk_ids=to_proto(topk_ids[rows]),
             topk_weights=to_proto(topk_weights[rows]), expert_ids=experts,
         )
-        return experts, rows, request
+        return rows, request
 
-    def _send_all(self, requests: list[tuple[list[int], torch.Tensor, pb.RunExpertsRequest]],
-                  addresses: list[str]) -> list[tuple[str, list[int], torch.Tensor, Future]]:
+    def _send_all(self, calls: list[tuple[str, pb.RunExpertsRequest]]) -> list[Future]:
         """Run the calls at once: all but the last on the call threads, the last on this
         one. Blocking calls, not ``.future()``: a sync channel starts a polling thread
         whenever its count of future calls rises from zero, which here was once per MoE
         layer per step, and cost more CPU than the call itself."""
-        self.num_calls += len(requests)
-        if len(requests) > 1 and self._pool is None:
+        self.num_calls += len(calls)
+        if len(calls) > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="expert-call")
-        futures: list[Future] = [self._pool.submit(self._call, address, request)
-                                 for address, (_, _, request) in zip(addresses[:-1], requests[:-1])]
-        last = Future()
+        futures = [self._pool.submit(self._call, address, request) for address, request in calls[:-1]]
+        last: Future = Future()
         try:
-            last.set_result(self._call(addresses[-1], requests[-1][2]))
+            last.set_result(self._call(*calls[-1]))
         except grpc.RpcError as exc:
             last.set_exception(exc)
-        futures.append(last)
-        return [(address, experts, rows, future)
-                for address, (experts, rows, _), future in zip(addresses, requests, futures)]
+        return futures + [last]
 
     def _call(self, address: str, request: pb.RunExpertsRequest) -> pb.RunExpertsResponse:
         seconds = self._call_seconds.get(address)

@@ -22,11 +22,21 @@ import torch.nn.functional as F
 
 
 @dataclass(slots=True)
+class PromptChunk:
+    """A sequence bringing more than one token: where its queries sit in the batch, how
+    many, its context length after this step, and its causal mask [query_len, context_len]."""
+
+    start: int
+    query_len: int
+    context_len: int
+    mask: torch.Tensor
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """What every layer needs to attend, built once per step by :meth:`build`."""
 
-    query_lens: list[int]  # new tokens per sequence, in batch order
-    context_lens: list[int]  # tokens in the cache per sequence after this step
+    num_seqs: int
     # Rows of the cache viewed as [2, blocks * kv heads * block_size, head_dim] that the
     # new tokens' keys and values go to, [num_tokens * num_kv_heads] (token-major).
     write_rows: torch.Tensor
@@ -37,16 +47,10 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None
     decode_blocks: torch.Tensor | None
     decode_bias: torch.Tensor | None  # [decodes, 1, 1, padded context]: 0 visible, -inf not
-    # The other sequences: (batch index, first token row, query_len, context_len), their
-    # contexts' (block, kv head) rows back to back, and per sequence its causal mask.
-    prompts: list[tuple[int, int, int, int]]
+    # The other sequences, and their contexts' (block, kv head) rows back to back.
+    prompts: list[PromptChunk]
     prompt_blocks: torch.Tensor | None
-    prompt_masks: list[torch.Tensor]
     num_decodes: int
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
 
     @property
     def is_decode_only(self) -> bool:
@@ -79,34 +83,29 @@ class AttentionMetadata:
             tables = torch.tensor(flat, dtype=torch.long, device=device).view(len(decodes), 1, num_blocks)
             decode_blocks = (tables * num_kv_heads + heads[:, None]).flatten()
             lengths = torch.tensor([context_lens[i] for i in decodes], device=device)
-            hidden = torch.arange(num_blocks * block_size, device=device)[None, :] >= lengths[:, None]
-            decode_bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))[:, None, None]
-        prompts: list[tuple[int, int, int, int]] = []
+            padding = torch.arange(num_blocks * block_size, device=device)[None, :] >= lengths[:, None]
+            decode_bias = torch.zeros(padding.shape, device=device).masked_fill_(padding, float("-inf"))[:, None, None]
+        prompts: list[PromptChunk] = []
         prompt_rows: list[int] = []
-        prompt_masks: list[torch.Tensor] = []
         for i, (query_len, context_len) in enumerate(zip(query_lens, context_lens)):
             if query_len == 1:
                 continue
-            prompts.append((i, starts[i], query_len, context_len))
             table = block_tables[i][: (context_len + block_size - 1) // block_size]
             # Head by head, each head's blocks in order: the gather lays out [kv heads, context, D].
             for head in range(num_kv_heads):
                 prompt_rows.extend(block * num_kv_heads + head for block in table)
             # Query i sits at position context_len - query_len + i and sees keys up to it.
-            prompt_masks.append(
-                torch.arange(context_len - query_len, context_len, device=device)[:, None]
-                >= torch.arange(context_len, device=device)[None, :]
-            )
+            mask = (torch.arange(context_len - query_len, context_len, device=device)[:, None]
+                    >= torch.arange(context_len, device=device)[None, :])
+            prompts.append(PromptChunk(starts[i], query_len, context_len, mask))
         return cls(
-            query_lens=query_lens,
-            context_lens=context_lens,
+            num_seqs=len(query_lens),
             write_rows=write_rows.flatten(),
             decode_rows=decode_rows,
             decode_blocks=decode_blocks,
             decode_bias=decode_bias,
             prompts=prompts,
             prompt_blocks=torch.tensor(prompt_rows, dtype=torch.long, device=device) if prompts else None,
-            prompt_masks=prompt_masks,
             num_decodes=len(decodes),
         )
 
@@ -131,13 +130,14 @@ def paged_attention(
     # Every prompt's context in one gather: [2, (sequence, kv head, block), block_size, D].
     kv = cache.view(2, -1, block_size, head_dim).index_select(1, meta.prompt_blocks)
     block_start = 0
-    for (_, start, query_len, context_len), mask in zip(meta.prompts, meta.prompt_masks):
-        num_blocks = (context_len + block_size - 1) // block_size
+    for chunk in meta.prompts:
+        num_blocks = (chunk.context_len + block_size - 1) // block_size
         # This sequence's [kv heads, context, D], trimmed to its length: a view, no copy.
         own = kv[:, block_start : block_start + num_kv_heads * num_blocks]
-        own = own.reshape(2, num_kv_heads, num_blocks * block_size, head_dim)[:, :, :context_len]
-        out[start : start + query_len] = F.scaled_dot_product_attention(
-            q[start : start + query_len].transpose(0, 1), own[0], own[1], attn_mask=mask, enable_gqa=True,
+        own = own.reshape(2, num_kv_heads, num_blocks * block_size, head_dim)[:, :, : chunk.context_len]
+        rows = slice(chunk.start, chunk.start + chunk.query_len)
+        out[rows] = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), own[0], own[1], attn_mask=chunk.mask, enable_gqa=True,
         ).transpose(0, 1)
         block_start += num_kv_heads * num_blocks
     return out

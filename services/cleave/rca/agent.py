@@ -19,9 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cleave.observability import status_lists
 from cleave.observability.prometheus_api import PrometheusUnavailable
-from cleave.observability.status_lists import DIAGNOSES_KEY
 from cleave.rca import report as reports
 from cleave.rca.changepoint import detect_anomaly_time
 from cleave.rca.llm import LlmConfig, investigate
@@ -269,7 +267,3 @@ def digest(report: reports.Report, link: str = "") -> dict[str, Any]:
     return entry
 
 
-def push_redis(redis_url: str, entry: dict[str, Any]) -> str | None:
-    """LPUSH ``entry`` to ``cleave:diagnoses`` and keep the newest 100; the error text when
-    Redis cannot take it (never raised: the report exists anyway)."""
-    return status_lists.push(redis_url, DIAGNOSES_KEY, entry)

@@ -77,10 +77,11 @@ def publish(report: dict, redis_url: str, bootstrap: str) -> list[str]:
     from prometheus_client import CollectorRegistry
 
     from cleave.events.publisher import EventPublisher
-    from cleave.rca.agent import DIAGNOSES_TOPIC, digest, push_redis
+    from cleave.observability import status_lists
+    from cleave.rca.agent import DIAGNOSES_TOPIC, digest
 
     failed = []
-    if redis_url and (error := push_redis(redis_url, digest(report))):
+    if redis_url and (error := status_lists.push(redis_url, status_lists.DIAGNOSES_KEY, digest(report))):
         failed.append(error)
     if bootstrap:
         registry = CollectorRegistry()

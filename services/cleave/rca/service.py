@@ -115,7 +115,8 @@ def build_app(config: AgentConfig):
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     from cleave.events.publisher import EventPublisher
-    from cleave.rca.agent import DiagnosisError, diagnose, digest, push_redis
+    from cleave.observability import status_lists
+    from cleave.rca.agent import DiagnosisError, diagnose, digest
     from cleave.rca.report import to_markdown
     from cleave.router.errors import APIError, install_handlers
 
@@ -160,7 +161,7 @@ def build_app(config: AgentConfig):
         while len(kept) > MAX_KEPT:
             kept.popitem(last=False)
         if config.redis_url:
-            error = await asyncio.to_thread(push_redis, config.redis_url,
+            error = await asyncio.to_thread(status_lists.push, config.redis_url, status_lists.DIAGNOSES_KEY,
                                             digest(report, f"{base_url}/diagnoses/{report['id']}"))
             if error:
                 log.warning("diagnosis not pushed to Redis", extra={"id": report["id"], "error": error})
