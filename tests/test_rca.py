@@ -54,6 +54,21 @@ def test_propagated_latency_does_not_outrank_callee():
     assert [c.component for c in ranking[:2]] == ["b", "a"]
 
 
+def test_a_stopped_caller_is_not_explained_by_its_callee():
+    # a is stopped: its scrapes fail (up 1 -> 0) and its latency series go silent; b, which a
+    # calls, answers the remaining callers a little slower. b's rise must not discount a's
+    # own liveness as if a only waited on b.
+    table = synthetic({"b_latency": 4.0})
+    up = np.ones(N)
+    up[FAULT_AT:] = 0.0
+    latency = table.values[:, table.names.index("a_latency")].copy()
+    latency[FAULT_AT:] = np.nan
+    names = [n for n in table.names if n != "a_latency"] + ["a_up", "a_latency"]
+    values = np.column_stack([table.values[:, table.names.index(n)] for n in names[:-2]] + [up, latency])
+    ranking = ours(MetricTable(table.time, names, values), T0 + STEP * FAULT_AT, {"a": {"b"}})
+    assert ranking[0].component == "a" and ranking[0].evidence[0].name == "a_up"
+
+
 def test_temporal_precedence_breaks_a_tie():
     table = synthetic({"a_cpu": 3.0, "c_cpu": 3.0}, onset={"a_cpu": FAULT_AT + 3})
     assert ours(table, T0 + STEP * FAULT_AT)[0].component == "c"

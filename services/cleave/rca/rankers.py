@@ -119,6 +119,9 @@ LATENCY = re.compile(r"latency|duration|ttft|tpot|p\d\d", re.I)
 # ``up`` (Prometheus reached the target) is availability: a drop from 1 is a failure, not traffic.
 ERRORS = re.compile(r"error|fail|success|availab|exception|5xx|^up$", re.I)
 RESOURCE = re.compile(r"cpu|mem|gpu|disk|syscall|thread|gc|kv|cache|queue", re.I)
+# Whether the process itself answers (its scrape succeeds, and how fast): a slow or dead
+# callee cannot stop a caller's own process, so no callee explains these away.
+LIVENESS = re.compile(r"^up$|^scrape_duration", re.I)
 
 
 def metric_kind(metric: str) -> str:
@@ -177,8 +180,9 @@ def ours(table: MetricTable, anomaly_time: float, graph: Graph | None = None,
     availability series, where a small change of a value near 100 is large), squashed to
     ``saturation``; series weighted by metric kind (:func:`metric_kind`). Then two
     corrections: a component whose latency/error anomaly dominates and is matched by a
-    callee's (anywhere downstream in ``graph``) keeps only ``propagation_discount`` of it,
-    and components whose anomalies start earlier than all others get a precedence bonus."""
+    callee's (anywhere downstream in ``graph``) keeps only ``propagation_discount`` of it
+    (its liveness series, :data:`LIVENESS`, are its own and never discounted), and
+    components whose anomalies start earlier than all others get a precedence bonus."""
     cfg = config or OursConfig()
     before, after, after_time = split_windows(table, anomaly_time, reference)
     kinds = [metric_kind(m) for m in table.metrics]
@@ -191,16 +195,19 @@ def ours(table: MetricTable, anomaly_time: float, graph: Graph | None = None,
     ranked = _by_component(table, weighted, signed, onsets)
     by_name = {c.component: c for c in ranked}
 
-    def kind_score(component: str, wanted: tuple[str, ...]) -> float:
+    # A symptom a callee may explain (latency, errors) or the component's own evidence.
+    is_symptom = [k in ("latency", "errors") and not LIVENESS.search(m) for k, m in zip(kinds, table.metrics)]
+
+    def group_score(component: str, symptom: bool) -> float:
         return max((weighted[j] for j, c in enumerate(table.components)
-                    if c == component and kinds[j] in wanted), default=0.0)
+                    if c == component and is_symptom[j] == symptom), default=0.0)
 
     adjusted = {}
     for comp in ranked:
         total = comp.score
         if graph:
-            symptom = kind_score(comp.component, ("latency", "errors"))
-            local = kind_score(comp.component, ("resource", "traffic"))
+            symptom = group_score(comp.component, True)
+            local = group_score(comp.component, False)
             below = _downstream(graph, comp.component) & by_name.keys()
             explained = max((by_name[d].score for d in below), default=0.0)
             if symptom > local and explained >= cfg.onset_threshold and explained >= 0.5 * symptom:
