@@ -108,3 +108,27 @@ def test_up_rejects_an_unknown_model(cleave_cli):
     up = cleave_cli("up", "--model", "no-such-model", "--port", str(free_port()))
     assert up.returncode == 1
     assert "no-such-model" in up.stderr
+
+
+@pytest.mark.parametrize("args, specs", [
+    # Whole layers per replica: one RunExperts call per MoE layer per forward pass.
+    ((8, [0, 1], 2), ["0:0-7", "1:0-7"]),
+    ((4, range(30), 2), ["0-14:0-3", "15-29:0-3"]),
+    ((4, [1, 3, 5], 2), ["1:0-3", "3:0-3,5:0-3"]),  # MoE only every other layer
+    ((8, [0, 1], 3, 2), ["0:0-7", "1:0-7", "0:0-7"]),  # replica 2 a spare of replica 0
+    # Fewer MoE layers than groups, or asked for: experts split within each layer.
+    ((8, [0], 2), ["0-3", "4-7"]),
+    ((8, [0, 1], 4), ["0-1", "2-3", "4-5", "6-7"]),
+    ((8, [0, 1], 2, 0, "experts"), ["0-3", "4-7"]),
+    ((3, [0, 1], 4, 0, "experts"), ["0", "1", "2", "0"]),
+])
+def test_expert_groups(args, specs):
+    from cleave.expert.spec import parse_spec
+    from cleave.launcher import expert_groups
+
+    assert expert_groups(*args) == specs
+    num_experts, layers = args[0], list(args[1])
+    held = [parse_spec(spec, layers, num_experts) for spec in specs]
+    groups = {spec: pairs for spec, pairs in zip(specs, held)}
+    # The groups partition every (layer, expert) pair of the model.
+    assert sorted(p for pairs in groups.values() for p in pairs) == [(l, e) for l in layers for e in range(num_experts)]

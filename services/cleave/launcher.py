@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 from cleave.common.config import cleave_home
+from cleave.expert.spec import format_spec
+from cleave.models.config import ModelConfig
 from cleave.events.broker import add_broker
 from cleave.modelzoo.registry import DEFAULT_MODEL
 
@@ -280,14 +282,30 @@ def router_info(args: argparse.Namespace, base: str) -> dict[str, str]:
             "model": args.served_model_name or args.model}
 
 
-def expert_groups(num_experts: int, replicas: int, groups: int = 0) -> list[str]:
-    """Each replica's experts spec: the experts split into ``groups`` contiguous groups
-    (default: one per replica, at most one per expert), replica ``i`` holding group
-    ``i % groups``, so that replicas beyond the number of groups are spares of earlier ones."""
-    groups = min(groups or replicas, num_experts)
-    bounds = [num_experts * g // groups for g in range(groups + 1)]
-    specs = [f"{bounds[g]}-{bounds[g + 1] - 1}" if bounds[g + 1] - 1 > bounds[g] else str(bounds[g])
-             for g in range(groups)]
+def expert_groups(num_experts: int, moe_layers: Sequence[int], replicas: int, groups: int = 0,
+                  placement: str = "layers") -> list[str]:
+    """Each replica's experts spec: the (layer, expert) pairs split into ``groups`` groups
+    (default: one per replica), replica ``i`` holding group ``i % groups``, so that
+    replicas beyond the number of groups are spares of earlier ones.
+
+    ``layers``: each group holds every expert of a contiguous run of MoE layers, so a
+    forward pass makes one ``RunExperts`` call per MoE layer (with fewer MoE layers than
+    groups the experts are split instead). ``experts``: each group holds a contiguous range
+    of experts of every layer; a layer then takes one call per group, which the groups
+    answer side by side: worth it only with cores to spare and batches large enough."""
+    layers = sorted(moe_layers)
+    by_layers = placement == "layers" and len(layers) >= (groups or replicas)
+    groups = min(groups or replicas, len(layers) if by_layers else num_experts)
+    if by_layers:
+        bounds = [len(layers) * g // groups for g in range(groups + 1)]
+        runs = [layers[bounds[g]:bounds[g + 1]] for g in range(groups)]
+        specs = [(f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}") + f":0-{num_experts - 1}"
+                 if run == list(range(run[0], run[-1] + 1))
+                 else format_spec((layer, e) for layer in run for e in range(num_experts)) for run in runs]
+    else:
+        bounds = [num_experts * g // groups for g in range(groups + 1)]
+        specs = [f"{bounds[g]}-{bounds[g + 1] - 1}" if bounds[g + 1] - 1 > bounds[g] else str(bounds[g])
+                 for g in range(groups)]
     return [specs[i % groups] for i in range(replicas)]
 
 
@@ -329,7 +347,8 @@ def disaggregated_specs(args: argparse.Namespace, model_path: Path, extra: list[
     num_experts = num_routed_experts(model_path)
     if num_experts and args.expert_replicas > 0:
         experts = [worker(f"expert-{i}", "expert", grpc_base + 30 + i, metrics_base + 30 + i, "--model", model, "--experts", spec, *threads)
-                   for i, spec in enumerate(expert_groups(num_experts, args.expert_replicas, args.expert_groups))]
+                   for i, spec in enumerate(expert_groups(num_experts, ModelConfig.from_pretrained(model_path).moe_layers,
+                                                          args.expert_replicas, args.expert_groups, args.expert_placement))]
         worker_flags += ["--expert-backend", "remote"]
     tiers.append(stores + experts)
     tiers.append(
@@ -552,6 +571,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--expert-groups", type=int, default=0,
                             help="ways the experts are split (default: one group per replica); replicas beyond "
                                  "the groups hold a second copy, so one can die without a 503")
+        parser.add_argument("--expert-placement", choices=("layers", "experts"), default="layers",
+                            help="what a group holds: whole MoE layers (one expert call per layer per step; the "
+                                 "default) or a range of experts of every layer (a call per group per layer)")
         parser.add_argument("--kvstores", type=int, default=1)
         parser.add_argument("--kvstore-capacity-mb", type=float, default=1024.0)
         parser.add_argument("--worker-base-port", type=int, default=50060,

@@ -27,7 +27,7 @@ from cleave.common.engine_metrics import EngineStatsCollector
 from cleave.common import redis_metrics
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.metrics_http import MetricsHTTPServer
-from cleave.common.startup import freeze_startup_heap
+from cleave.common.startup import freeze_startup_heap, run_service
 from cleave.common.registry import CLIENT_OPTIONS, DEFAULT_REDIS_URL, AsyncRegistration, AsyncRegistry, InstanceRecord
 from cleave.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from cleave.engine.config import EngineConfig
@@ -492,7 +492,7 @@ def run_worker(role: str, config_cls: type, server_cls: type, command: str, argv
         return 0
 
     try:
-        return asyncio.run(serve())
+        return run_service(serve())
     except (OSError, ValueError) as exc:
         logger.error(f"{role} failed to start", extra={"error": str(exc)})
         return 1

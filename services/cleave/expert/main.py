@@ -5,14 +5,13 @@ environment variables are the fields of ``ExpertConfig``."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Sequence
 
 from cleave.common import config as typed_config
 from cleave.common import logging as cleave_logging
 from cleave.expert.config import ExpertConfig
-from cleave.common.startup import freeze_startup_heap
+from cleave.common.startup import freeze_startup_heap, run_service
 
 
 def parse_config(argv: Sequence[str] | None, prog: str = "cleave expert") -> ExpertConfig:
@@ -44,7 +43,7 @@ def run_command(command: str, argv: Sequence[str]) -> int:
     config = parse_config(argv)
     log = cleave_logging.setup("expert")
     try:
-        return asyncio.run(serve(config))
+        return run_service(serve(config))
     except (OSError, ValueError, KeyError) as exc:
         log.error("expert replica failed to start", extra={"error": str(exc)})
         return 1

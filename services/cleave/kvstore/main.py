@@ -5,14 +5,13 @@ environment variables are the fields of ``KVStoreConfig``."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Sequence
 
 from cleave.common import config as typed_config
 from cleave.common import logging as cleave_logging
 from cleave.kvstore.config import KVStoreConfig
-from cleave.common.startup import freeze_startup_heap
+from cleave.common.startup import freeze_startup_heap, run_service
 
 
 def parse_config(argv: Sequence[str] | None, prog: str = "cleave kvstore") -> KVStoreConfig:
@@ -46,7 +45,7 @@ def run_command(command: str, argv: Sequence[str]) -> int:
     import redis
 
     try:
-        return asyncio.run(serve(config))
+        return run_service(serve(config))
     except (OSError, RuntimeError, redis.RedisError) as exc:  # a taken port, an unreachable Redis
         log.error("kvstore failed to start", extra={"error": str(exc)})
         return 1
