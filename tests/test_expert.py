@@ -152,11 +152,14 @@ def test_remote_experts_equal_local_and_transformers(family, replicas):
     assert backend.num_failovers == 0
 
 
+# Interleaved experts (each layer's tokens split over both replicas, placed back slot by
+# slot) and whole layers (one replica answers a layer: every slot, in order, in one call).
+@pytest.mark.parametrize("split", [("0,2,4,6", "1,3,5,7"), ("0:0-7", "1:0-7")], ids=["experts", "layers"])
 @pytest.mark.parametrize("top_k", [1, 2, 3, 8])
-def test_slots_bit_identical_for_any_top_k(tiny_models, replicas, top_k):
+def test_slots_bit_identical_for_any_top_k(tiny_models, replicas, top_k, split):
     path = tiny_models["mixtral"]
     model = load_model(path)
-    first, second = replicas(path, "0,2,4,6"), replicas(path, "1,3,5,7")
+    first, second = (replicas(path, spec) for spec in split)
     backend = RemoteExpertBackend([first.replica, second.replica], timeout=30)
     generator = torch.Generator().manual_seed(top_k)
     hidden = torch.randn(37, model.config.hidden_size, generator=generator)
@@ -165,6 +168,8 @@ def test_slots_bit_identical_for_any_top_k(tiny_models, replicas, top_k):
     for layer in (0, 1):
         local = model.local_expert_backend().forward(layer, hidden, ids, weights)
         assert torch.equal(backend.forward(layer, hidden, ids, weights), local)
+    if split[0].startswith("0:"):
+        assert backend.num_calls == backend.num_forwards == 2
 
 
 # -- failover ----------------------------------------------------------------------------

@@ -175,7 +175,8 @@ class RemoteExpertBackend:
         hidden, topk_ids = hidden.detach().cpu(), topk_ids.cpu()
         topk_weights = topk_weights.detach().cpu().float()
         slots = torch.zeros(num_tokens * top_k, hidden.shape[-1], dtype=hidden.dtype)
-        pending = set(topk_ids.flatten().tolist())
+        hit = set(topk_ids.flatten().tolist())
+        pending = set(hit)
         failed: dict[str, str] = {}
         refreshed = False
         while pending:
@@ -187,7 +188,8 @@ class RemoteExpertBackend:
                 self.refresh()
                 refreshed = True
                 continue
-            shares = [(address, experts, *self._request(layer, experts, hidden, topk_ids, topk_weights))
+            shares = [(address, experts, *self._request(layer, experts, hidden, topk_ids, topk_weights,
+                                                        whole=hit <= set(experts)))
                       for address, experts in plan.items()]
             futures = self._send_all([(address, request) for address, _, _, request in shares])
             for (address, experts, rows, _), future in zip(shares, futures):
@@ -253,12 +255,16 @@ class RemoteExpertBackend:
 
     @staticmethod
     def _request(layer: int, experts: list[int], hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> tuple[torch.Tensor, pb.RunExpertsRequest]:
-        """The rows routed to ``experts`` and the call that sends them."""
-        rows = torch.isin(topk_ids, torch.tensor(experts)).any(dim=1).nonzero().flatten()
+                 topk_weights: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor | None, pb.RunExpertsRequest]:
+        """The rows routed to ``experts`` (None: ``whole``, every token, because ``experts``
+        covers every expert hit, as when a replica holds whole layers) and the call that
+        sends them."""
+        rows = None if whole else torch.isin(topk_ids, torch.tensor(experts)).any(dim=1).nonzero().flatten()
+        if rows is not None:
+            hidden, topk_ids, topk_weights = hidden[rows], topk_ids[rows], topk_weights[rows]
         request = pb.RunExpertsRequest(
-            layer=layer, hidden_states=to_proto(hidden[rows]), topk_ids=to_proto(topk_ids[rows]),
-            topk_weights=to_proto(topk_weights[rows]), expert_ids=experts,
+            layer=layer, hidden_states=to_proto(hidden), topk_ids=to_proto(topk_ids),
+            topk_weights=to_proto(topk_weights), expert_ids=experts,
         )
         return rows, request
 
@@ -291,17 +297,26 @@ class RemoteExpertBackend:
 
     @staticmethod
     def _place(slots: torch.Tensor, response: pb.RunExpertsResponse, address: str, layer: int, experts: list[int],
-               rows: torch.Tensor, topk_ids: torch.Tensor) -> None:
+               rows: torch.Tensor | None, topk_ids: torch.Tensor) -> None:
         top_k = topk_ids.shape[1]
-        sent_ids = topk_ids[rows].flatten()
-        expected = torch.isin(sent_ids, torch.tensor(experts)).nonzero().flatten()
-        local = torch.tensor(list(response.slot_indices), dtype=torch.int64)
         outputs = from_proto(response.slot_outputs, "slot_outputs")
-        if not torch.equal(local, expected) or outputs.shape != (len(expected), slots.shape[1]) \
-                or outputs.dtype != slots.dtype:
+        answered = list(response.slot_indices)
+        if rows is None:  # every token sent, every slot's expert in the share: all slots, in order
+            expected_count = len(slots)
+            placed = answered == list(range(expected_count))
+        else:
+            sent_ids = topk_ids[rows].flatten()
+            expected = torch.isin(sent_ids, torch.tensor(experts)).nonzero().flatten()
+            local = torch.tensor(answered, dtype=torch.int64)
+            expected_count = len(expected)
+            placed = torch.equal(local, expected)
+        if not placed or outputs.shape != (expected_count, slots.shape[1]) or outputs.dtype != slots.dtype:
             raise ExpertCallError(
                 f"expert replica {address} answered layer {layer} experts {experts} with slots "
-                f"{local.tolist()[:8]}... of shape {list(outputs.shape)} {outputs.dtype}; "
-                f"expected {len(expected)} slots of [{slots.shape[1]}] {slots.dtype}"
+                f"{answered[:8]}... of shape {list(outputs.shape)} {outputs.dtype}; "
+                f"expected {expected_count} slots of [{slots.shape[1]}] {slots.dtype}"
             )
-        slots[rows[local // top_k] * top_k + local % top_k] = outputs
+        if rows is None:
+            slots.copy_(outputs)
+        else:
+            slots[rows[local // top_k] * top_k + local % top_k] = outputs

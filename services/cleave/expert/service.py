@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from typing import Any
 
 import grpc
 import torch
@@ -35,7 +37,9 @@ class InvalidRequest(ValueError):
     pass
 
 
-def _check_request(request: pb.RunExpertsRequest, experts: HeldExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, set[int]]:
+def _check_request(request: pb.RunExpertsRequest,
+                   experts: HeldExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, set[int], list[int]]:
+    """The call's tensors, the experts to run and the flat expert id of every slot."""
     config: ModelConfig = experts.config
     layer = request.layer
     if layer not in config.moe_layers:
@@ -59,8 +63,9 @@ def _check_request(request: pb.RunExpertsRequest, experts: HeldExperts) -> tuple
         raise InvalidRequest(f"topk_ids must be [{num_tokens}, top_k] with top_k >= 1, got {list(ids.shape)}")
     if weights.shape != ids.shape:
         raise InvalidRequest(f"topk_weights must have topk_ids' shape {list(ids.shape)}, got {list(weights.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.num_experts):
-        raise InvalidRequest(f"topk_ids must be in [0, {config.num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
+    flat = ids.flatten().tolist()
+    if flat and (min(flat) < 0 or max(flat) >= config.num_experts):
+        raise InvalidRequest(f"topk_ids must be in [0, {config.num_experts}), got [{min(flat)}, {max(flat)}]")
     held = experts.held(layer)
     if request.expert_ids:
         wanted = set(request.expert_ids)
@@ -68,22 +73,26 @@ def _check_request(request: pb.RunExpertsRequest, experts: HeldExperts) -> tuple
         if missing:
             raise InvalidRequest(f"experts {missing} of layer {layer} are not held here (held: {format_spec((layer, e) for e in sorted(held)) or 'none'})")
         held = wanted
-    return hidden, ids, weights, held
+    return hidden, ids, weights, held, flat
 
 
 def run_experts(experts: HeldExperts, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                held: set[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Slot outputs of the ``held`` experts: (rows, flat slot indices, experts that ran)."""
-    flat_ids = ids.flatten()
-    hit = sorted(held & set(flat_ids.tolist()))
+                held: set[int], flat: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Slot outputs of the ``held`` experts: (rows, flat slot indices, experts that ran).
+    ``flat``: the expert id of every slot (``ids`` flattened, as a list)."""
+    routed = set(flat)
+    hit = sorted(held & routed)
     if not hit:
-        return hidden.new_zeros(0, hidden.shape[1]), torch.zeros(0, dtype=torch.int64), []
+        return hidden.new_zeros(0, hidden.shape[1]), [], []
     with torch.inference_mode():
         slots = expert_slot_outputs(
             experts.runner(layer), experts.config.num_experts, hidden, ids, weights, held=set(hit)
         )
-    indices = torch.isin(flat_ids, torch.tensor(hit)).nonzero().flatten()
-    return slots[indices], indices, hit
+    if len(hit) == len(routed):  # every slot ran here (a replica of whole layers): no selection
+        return slots, list(range(len(flat))), hit
+    ran = set(hit)
+    indices = [i for i, expert in enumerate(flat) if expert in ran]
+    return slots[torch.tensor(indices)], indices, hit
 
 
 class ExpertServicer(pb_grpc.ExpertServicer):
@@ -93,11 +102,14 @@ class ExpertServicer(pb_grpc.ExpertServicer):
         # The registry record's load, published with each heartbeat (not per call: a
         # forward pass makes one call per MoE layer).
         self.load = {"num_in_flight": 0, "num_calls": 0, "num_tokens": 0}
+        # Metric children by label values, looked up once rather than on every call.
+        self._tokens: dict[tuple[int, int], Any] = {}
+        self._layer_seconds: dict[int, Any] = {}
 
     async def RunExperts(self, request: pb.RunExpertsRequest, context: grpc.aio.ServicerContext) -> pb.RunExpertsResponse:
         started = time.perf_counter()
         try:
-            hidden, ids, weights, held = _check_request(request, self.experts)
+            hidden, ids, weights, held, flat = _check_request(request, self.experts)
         except InvalidRequest as exc:
             self.metrics.rejected.labels(code=grpc.StatusCode.INVALID_ARGUMENT.name).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -106,24 +118,31 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             if hidden.shape[0] <= INLINE_MAX_TOKENS:
                 # A decode step's share takes well under a millisecond here; the hop to a
                 # worker thread and back (a self-pipe write to wake the loop) cost more.
-                rows, indices, ran = run_experts(self.experts, request.layer, hidden, ids, weights, held)
+                rows, indices, ran = run_experts(self.experts, request.layer, hidden, ids, weights, held, flat)
             else:
                 # Off the event loop, so health checks and other calls are answered meanwhile
                 # and two large calls can run at once.
                 rows, indices, ran = await asyncio.to_thread(
-                    run_experts, self.experts, request.layer, hidden, ids, weights, held)
+                    run_experts, self.experts, request.layer, hidden, ids, weights, held, flat)
         finally:
             self.load["num_in_flight"] -= 1
         self.load["num_calls"] += 1
         self.load["num_tokens"] += hidden.shape[0]
+        layer = request.layer
         if ran:
-            counts = torch.bincount(ids.flatten(), minlength=self.experts.config.num_experts).tolist()
+            counts = Counter(flat)
             for expert in ran:
-                self.metrics.tokens.labels(layer=str(request.layer), expert=str(expert)).inc(counts[expert])
+                tokens = self._tokens.get((layer, expert))
+                if tokens is None:
+                    tokens = self._tokens[layer, expert] = self.metrics.tokens.labels(layer=str(layer), expert=str(expert))
+                tokens.inc(counts[expert])
         elapsed = time.perf_counter() - started
         self.metrics.request_seconds.observe(elapsed)
-        self.metrics.layer_seconds.labels(layer=str(request.layer)).observe(elapsed)
-        return pb.RunExpertsResponse(slot_outputs=to_proto(rows), slot_indices=indices.tolist(), expert_ids=ran)
+        layer_seconds = self._layer_seconds.get(layer)
+        if layer_seconds is None:
+            layer_seconds = self._layer_seconds[layer] = self.metrics.layer_seconds.labels(layer=str(layer))
+        layer_seconds.observe(elapsed)
+        return pb.RunExpertsResponse(slot_outputs=to_proto(rows), slot_indices=indices, expert_ids=ran)
 
 
 class ExpertServer:
