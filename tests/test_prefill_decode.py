@@ -185,15 +185,24 @@ def test_prefix_from_the_store_is_reused_exactly(cluster, hf_model, vocab_size):
     prompts = [shared + s for s in suffixes]
     p0, p1 = cluster.prefill_stub(0), cluster.prefill_stub(1)
     d0 = cluster.decode_stub(0)
-    fetched_before = metric(cluster.prefill[1].metrics_port, "cleave_prefill_kv_blocks_total", direction="fetched")
+    def blocks(worker: int, direction: str) -> float:
+        return metric(cluster.prefill[worker].metrics_port, "cleave_prefill_kv_blocks_total", direction=direction)
+
+    size = ENGINE["block_size"]
+    fetched_before, put_before = blocks(1, "fetched"), (blocks(0, "put"), blocks(1, "put"))
     first_round, _ = generate(p0, d0, "prefix-0", prompts[0], greedy(8))
+    # A prompt with no cached prefix anywhere: every full block is put, without asking first.
+    assert blocks(0, "put") - put_before[0] == len(prompts[0]) // size
     # The second round runs on the other prefill worker, whose own cache never saw the
     # prefix: its blocks can only come from the store.
     second = [generate(p1, d0, f"prefix-{i}", prompts[i], greedy(8)) for i in range(1, 4)]
     for _, first in second:
         assert first.num_cached_tokens >= 32
-    fetched = metric(cluster.prefill[1].metrics_port, "cleave_prefill_kv_blocks_total", direction="fetched")
+    fetched = blocks(1, "fetched")
     assert fetched - fetched_before >= 2
+    # ... and it puts only the full blocks the store lacked: none of the shared prefix's.
+    shared_blocks = len(shared) // size
+    assert blocks(1, "put") - put_before[1] <= sum(len(p) // size - shared_blocks for p in prompts[1:4])
     assert_greedy_equal(hf_model, prompts, [first_round] + [tokens for tokens, _ in second], 8)
 
 

@@ -13,6 +13,7 @@ DTYPES = {
     "int64": torch.int64, "int32": torch.int32,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+ITEMSIZES = {dtype: dtype.itemsize for dtype in DTYPES.values()}
 assert sys.byteorder == "little", "the wire format is little-endian"
 
 
@@ -21,9 +22,17 @@ class WireError(ValueError):
 
 
 def to_proto(tensor: torch.Tensor) -> common_pb2.Tensor:
-    tensor = tensor.detach().to("cpu").contiguous()
-    data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-    return common_pb2.Tensor(data=data, shape=list(tensor.shape), dtype=DTYPE_NAMES[tensor.dtype])
+    # As few tensor ops as can be: a decode step's call carries a few rows, and every op
+    # costs more than copying them.
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+        data = tensor.detach().view(torch.uint8).numpy().tobytes()
+    else:
+        data = tensor.detach().numpy().tobytes()
+    return common_pb2.Tensor(data=data, shape=tensor.shape, dtype=DTYPE_NAMES[tensor.dtype])
 
 
 def from_proto(message: common_pb2.Tensor, what: str) -> torch.Tensor:
@@ -38,9 +47,10 @@ def from_proto(message: common_pb2.Tensor, what: str) -> torch.Tensor:
     numel = 1
     for size in shape:
         numel *= size
-    expected = numel * torch.empty((), dtype=dtype).element_size()
+    expected = numel * ITEMSIZES[dtype]
     if len(message.data) != expected:
         raise WireError(f"{what}: {len(message.data)} bytes for shape {shape} of {message.dtype} ({expected} expected)")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(message.data), dtype=torch.uint8).view(dtype).reshape(shape)
+    # A bytearray copy: torch wants a writable buffer, and the message's bytes are not.
+    return torch.frombuffer(bytearray(message.data), dtype=dtype).view(shape)
