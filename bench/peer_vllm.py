@@ -21,6 +21,11 @@ loadtest/locustfile.py (``--shape fixed`` at the same lengths, ``--locust-users`
 inter-token latency, its percentiles rounded as Locust rounds them), and the ratios
 Cleave/vLLM. A stage that fails is reported and left blank; the others still run.
 
+Each stage also reads the CPU time (``utime + stime`` in ``/proc``) of every process pinned
+to the server core before and after, and prints it per output token, by process kind
+(``cpu ms/token`` rows; for Cleave the role: ``decode``, ``expert``, ``router``...): where
+a server spends its core, with nothing but the server on it.
+
 The default model is tiny-mixtral-hd64 (2 layers, hidden 256, 4 heads of 64, 8 experts
 top-2): vLLM 0.32's CPU attention has no kernel for tiny-mixtral's head_dim of 16
 ("Unsupported CPU attention configuration: head_dim=16"). ``--model smollm2-moe`` runs the
@@ -64,6 +69,53 @@ LOCUST_METRICS = (  # the same keys, as Locust measures them
     ("p99_tpot_ms", "ITL p99 ms", True),
     ("completed", "requests", False),
 )
+
+
+ROLES = ("router", "prefill", "decode", "expert", "kvstore", "serve")
+
+
+def _kind(cmdline: list[str]) -> str:
+    """What a server process is, for the CPU rows: a Cleave role, ``vllm``, ``redis``..."""
+    for i, word in enumerate(cmdline[:-1]):
+        if word == "cleave.cli" and cmdline[i + 1] in ROLES:
+            return cmdline[i + 1]
+    text = " ".join(cmdline).lower()  # vLLM's engine core retitles itself VLLM::EngineCore
+    return next((k for k in ("vllm", "redis", "tansu", "prometheus") if k in text), "other")
+
+
+def server_cpu(core: str) -> dict[str, float]:
+    """CPU seconds so far of every process pinned to exactly ``core`` (the server and all
+    it spawned, which inherit its taskset mask), summed by kind (:func:`_kind`)."""
+    wanted = set()
+    for part in core.split(","):
+        first, _, last = part.partition("-")
+        wanted.update(range(int(first), int(last or first) + 1))
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.sched_getaffinity(int(entry.name)) != wanted:
+                continue
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile
+        if not cmdline[0]:
+            continue  # a kernel thread bound to the core
+        fields = stat[stat.rindex(")") + 2:].split()
+        kind = _kind(cmdline)
+        totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
+
+
+def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """Milliseconds of server CPU per output token between two :func:`server_cpu` reads,
+    by kind and ``total``."""
+    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    per = {k: 1000 * v / tokens for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0}
+    return {"total": sum(per.values()), **per} if tokens else {}
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None) -> None:
@@ -176,7 +228,7 @@ def locust_run(base_url: str, name: str, args, result_dir: Path, tag: str, vocab
     return {"output_throughput": float(tally["Output Tokens/s"]),
             "mean_ttft_ms": float(ttft["Average Response Time"]), "p99_ttft_ms": float(ttft["99%"]),
             "mean_tpot_ms": float(itl["Average Response Time"]), "p99_tpot_ms": float(itl["99%"]),
-            "completed": int(e2e["Request Count"])}
+            "completed": int(e2e["Request Count"]), "total_output_tokens": int(tally["Output Tokens"])}
 
 
 def drive(side: str, base_url: str, name: str, model_dir: Path, args, result_dir: Path, vocab_size: int,
@@ -192,15 +244,18 @@ def drive(side: str, base_url: str, name: str, model_dir: Path, args, result_dir
     for label, stage in stages:
         started = time.monotonic()
         print(f"  {side} {label} ...", file=sys.stderr, flush=True)
+        cpu_before = server_cpu(args.server_core)
         try:
             f = figures[label] = stage()
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             errors.append(f"{side} {label}: {exc}")
             print(f"  {side} {label} FAILED: {str(exc)[:2000]}", file=sys.stderr, flush=True)
             continue
+        f["cpu_ms_per_token"] = cpu_per_token(cpu_before, server_cpu(args.server_core),
+                                              int(f.get("total_output_tokens") or 0))
         print(f"  {side} {label}: {f['output_throughput']:.1f} tok/s, TTFT mean {f['mean_ttft_ms']:.1f} ms, "
-              f"TPOT/ITL mean {f['mean_tpot_ms']:.2f} ms ({time.monotonic() - started:.0f} s)",
-              file=sys.stderr, flush=True)
+              f"TPOT/ITL mean {f['mean_tpot_ms']:.2f} ms, server CPU {f['cpu_ms_per_token'].get('total', 0):.2f} "
+              f"ms/token ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     return figures
 
 
@@ -226,6 +281,14 @@ def print_table(args, sides: list[str], results: dict[str, dict[str, dict]], hea
             for s in cleave_sides:
                 ok = values[s] is not None and values["vllm"]
                 row += f" | {values[s] / values['vllm']:.2f}x" if ok else " | n/a"
+            print(row + " |")
+        cpu = {s: results.get(s, {}).get(label, {}).get("cpu_ms_per_token", {}) for s in sides}
+        for kind in dict.fromkeys(k for s in sides for k in cpu[s]):
+            values = {s: cpu[s].get(kind) for s in sides}
+            row = f"| {label} | cpu ms/token: {kind} | " + " | ".join(_cell(values[s]) for s in sides)
+            for s in cleave_sides:
+                ok = kind == "total" and values[s] is not None and values["vllm"]
+                row += f" | {values[s] / values['vllm']:.2f}x" if ok else " | "
             print(row + " |")
 
 
