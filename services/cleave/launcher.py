@@ -298,10 +298,8 @@ def expert_groups(num_experts: int, moe_layers: Sequence[int], replicas: int, gr
     groups = min(groups or replicas, len(layers) if by_layers else num_experts)
     if by_layers:
         bounds = [len(layers) * g // groups for g in range(groups + 1)]
-        runs = [layers[bounds[g]:bounds[g + 1]] for g in range(groups)]
-        specs = [(f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}") + f":0-{num_experts - 1}"
-                 if run == list(range(run[0], run[-1] + 1))
-                 else format_spec((layer, e) for layer in run for e in range(num_experts)) for run in runs]
+        specs = [format_spec((layer, e) for layer in layers[bounds[g]:bounds[g + 1]] for e in range(num_experts))
+                 for g in range(groups)]
     else:
         bounds = [num_experts * g // groups for g in range(groups + 1)]
         specs = [f"{bounds[g]}-{bounds[g + 1] - 1}" if bounds[g + 1] - 1 > bounds[g] else str(bounds[g])

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Any
 
 import grpc
 import torch
@@ -102,9 +101,9 @@ class ExpertServicer(pb_grpc.ExpertServicer):
         # The registry record's load, published with each heartbeat (not per call: a
         # forward pass makes one call per MoE layer).
         self.load = {"num_in_flight": 0, "num_calls": 0, "num_tokens": 0}
-        # Metric children by label values, looked up once rather than on every call.
-        self._tokens: dict[tuple[int, int], Any] = {}
-        self._layer_seconds: dict[int, Any] = {}
+        # Metric children of the held pairs, made once rather than looked up on every call.
+        self._tokens = {(layer, e): metrics.tokens.labels(layer=str(layer), expert=str(e)) for layer, e in experts.pairs}
+        self._layer_seconds = {layer: metrics.layer_seconds.labels(layer=str(layer)) for layer, _ in experts.pairs}
 
     async def RunExperts(self, request: pb.RunExpertsRequest, context: grpc.aio.ServicerContext) -> pb.RunExpertsResponse:
         started = time.perf_counter()
@@ -131,17 +130,12 @@ class ExpertServicer(pb_grpc.ExpertServicer):
         layer = request.layer
         if ran:
             counts = Counter(flat)
-            for expert in ran:
-                tokens = self._tokens.get((layer, expert))
-                if tokens is None:
-                    tokens = self._tokens[layer, expert] = self.metrics.tokens.labels(layer=str(layer), expert=str(expert))
-                tokens.inc(counts[expert])
+            for expert in ran:  # held, so made above
+                self._tokens[layer, expert].inc(counts[expert])
         elapsed = time.perf_counter() - started
         self.metrics.request_seconds.observe(elapsed)
-        layer_seconds = self._layer_seconds.get(layer)
-        if layer_seconds is None:
-            layer_seconds = self._layer_seconds[layer] = self.metrics.layer_seconds.labels(layer=str(layer))
-        layer_seconds.observe(elapsed)
+        # A call may name an MoE layer this replica holds nothing of (and run nothing).
+        (self._layer_seconds.get(layer) or self.metrics.layer_seconds.labels(layer=str(layer))).observe(elapsed)
         return pb.RunExpertsResponse(slot_outputs=to_proto(rows), slot_indices=indices, expert_ids=ran)
 
 

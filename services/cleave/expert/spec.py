@@ -4,7 +4,7 @@ A spec is a comma-separated list of items. ``E`` or ``E1-E2`` names experts of e
 MoE layer; ``L:E``, ``L:E1-E2`` and ``L1-L2:E1-E2`` name experts of some layers;
 ``all`` (or ``*``) is every expert of every MoE layer. ``"0-3"``, ``"0,2"``,
 ``"0:0-3,1:4-7"`` are specs. :func:`format_spec` writes the canonical form
-(``"0:0-3,1:0-3"``), which replicas publish in the registry.
+(``"0-1:0-3"``, ``"0:0-3,1:4-7"``), which replicas publish in the registry.
 """
 
 from __future__ import annotations
@@ -50,22 +50,35 @@ def parse_spec(spec: str, moe_layers: Iterable[int], num_experts: int) -> frozen
     return frozenset(pairs)
 
 
+def _runs(numbers: list[int]) -> list[str]:
+    """Sorted numbers as ``N`` / ``N-M`` runs."""
+    runs: list[str] = []
+    start = prev = numbers[0]
+    for number in [*numbers[1:], None]:
+        if number is not None and number == prev + 1:
+            prev = number
+            continue
+        runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if number is not None:
+            start = prev = number
+    return runs
+
+
 def format_spec(pairs: Iterable[Pair]) -> str:
-    """The canonical spec of ``pairs``: one ``L:E1-E2`` item per run of experts."""
+    """The canonical spec of ``pairs``: one ``L:E1-E2`` item per run of experts, and one
+    ``L1-L2:E1-E2`` for consecutive layers holding the same experts."""
     by_layer: dict[int, list[int]] = {}
     for layer, expert in sorted(set(pairs)):
         by_layer.setdefault(layer, []).append(expert)
-    items = []
+    # Consecutive layers with the same expert runs share their items.
+    groups: list[tuple[list[int], list[str]]] = []
     for layer, experts in by_layer.items():
-        start = prev = experts[0]
-        for expert in [*experts[1:], None]:
-            if expert is not None and expert == prev + 1:
-                prev = expert
-                continue
-            items.append(f"{layer}:{start}" if start == prev else f"{layer}:{start}-{prev}")
-            if expert is not None:
-                start = prev = expert
-    return ",".join(items)
+        runs = _runs(experts)
+        if groups and groups[-1][1] == runs and groups[-1][0][-1] == layer - 1:
+            groups[-1][0].append(layer)
+        else:
+            groups.append(([layer], runs))
+    return ",".join(f"{_runs(layers)[0]}:{run}" for layers, runs in groups for run in runs)
 
 
 def parse_canonical(spec: str) -> frozenset[Pair]:

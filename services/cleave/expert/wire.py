@@ -24,15 +24,13 @@ class WireError(ValueError):
 def to_proto(tensor: torch.Tensor) -> common_pb2.Tensor:
     # As few tensor ops as can be: a decode step's call carries a few rows, and every op
     # costs more than copying them.
+    tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-        data = tensor.detach().view(torch.uint8).numpy().tobytes()
-    else:
-        data = tensor.detach().numpy().tobytes()
-    return common_pb2.Tensor(data=data, shape=tensor.shape, dtype=DTYPE_NAMES[tensor.dtype])
+    raw = tensor.view(torch.uint8) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
+    return common_pb2.Tensor(data=raw.numpy().tobytes(), shape=tensor.shape, dtype=DTYPE_NAMES[tensor.dtype])
 
 
 def from_proto(message: common_pb2.Tensor, what: str) -> torch.Tensor:
