@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from cleave.common import grpc_server
 from cleave.common.registry import InstanceRecord, Registry
 from cleave.kvstore.backend import StoredBlock, StoreFullError
 from cleave.kvstore.client import KVStoreClient, KVStorePool, choose_store, group_by_store
@@ -328,6 +330,28 @@ def test_health_turns_not_serving_on_drain_and_reflection_lists_the_service(redi
             await channel.close()
 
     run(scenario())
+
+
+def test_a_hanging_drain_step_is_reported_with_its_stack_and_the_drain_ends(monkeypatch, caplog):
+    monkeypatch.setattr(grpc_server, "DRAIN_STEP_SECONDS", 0.3)
+
+    async def never_closes() -> None:
+        await asyncio.Event().wait()
+
+    async def scenario():
+        async with running_store() as store:
+            store.grpc.after_stop(never_closes)
+            started = time.monotonic()
+            await store.drain(0)
+            return store.grpc, time.monotonic() - started
+
+    with caplog.at_level(logging.ERROR, logger="cleave.grpc"):
+        server, took = run(scenario())
+    assert server.drain_overruns == [never_closes.__qualname__]
+    assert took < 10  # the bound (0.3 s) and the other steps, not forever
+    [record] = [r for r in caplog.records if r.getMessage() == "drain step overran; going on"]
+    assert record.step == never_closes.__qualname__
+    assert "in never_closes" in record.stacks and "await asyncio.Event().wait()" in record.stacks
 
 
 def test_the_process_registers_serves_and_drains_on_sigterm(redis_url, tmp_path):

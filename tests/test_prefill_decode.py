@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reference import assert_greedy_equal, load_hf, mixed_prompts
 
+from cleave.common.stacks import format_stacks
 from cleave.common.wire import params_to_proto
 from cleave.common.registry import Registry
 from cleave.decode.config import DecodeConfig
@@ -58,7 +59,12 @@ class Cluster:
     channels: list = field(default_factory=list)
 
     def call(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:  # say where it hangs: the loop's tasks and every thread
+            print(f"cluster call timed out after {timeout} s:\n{format_stacks(self.loop)}", file=sys.stderr)
+            raise
 
     def start(self) -> None:
         threading.Thread(target=self.loop.run_forever, name="cluster", daemon=True).start()

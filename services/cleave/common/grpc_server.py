@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cleave.common.registry import AsyncRegistration, AsyncRegistry, InstanceRecord
+from cleave.common.stacks import format_stacks
 
 log = logging.getLogger("cleave.grpc")
 
@@ -36,6 +37,9 @@ log = logging.getLogger("cleave.grpc")
 # GetBlocks chunk may carry one whole.
 MAX_MESSAGE_BYTES = 64 * 2**20
 DEFAULT_DRAIN_GRACE_SECONDS = 10.0
+# What one drain step beyond the grace period (deregistering, stopping the engine, closing
+# clients) may take before the drain logs where it hangs and goes on.
+DRAIN_STEP_SECONDS = 15.0
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -134,6 +138,7 @@ class ServiceServer:
         self.registration: AsyncRegistration | None = None
         self._after_stop: list[Callable[[], Awaitable[None]]] = []
         self._drain_task: asyncio.Task | None = None
+        self.drain_overruns: list[str] = []  # the drain steps that did not finish in time
 
     async def start(self) -> None:
         """Start serving and report SERVING for the server and each service."""
@@ -164,16 +169,35 @@ class ServiceServer:
         await self.health.enter_graceful_shutdown()
         if self.registration is not None:
             try:
-                await self.registration.stop(deregister=True)
+                await self._bounded("deregister", self.registration.stop(deregister=True), DRAIN_STEP_SECONDS)
             except Exception as exc:  # the record expires on its own within its TTL
                 log.warning("deregister failed", extra={"error": str(exc)})
-        await self.server.stop(grace)
+        await self._bounded("stop", self.server.stop(grace), grace + DRAIN_STEP_SECONDS)
         for callback in self._after_stop:
             try:
-                await callback()
+                await self._bounded(getattr(callback, "__qualname__", "after-stop"), callback(), DRAIN_STEP_SECONDS)
             except Exception:
                 log.exception("after-stop callback failed")
         log.info("stopped", extra={"address": self.address})
+
+    async def _bounded(self, step: str, awaitable: Awaitable[None], seconds: float) -> None:
+        """Await one drain step for at most ``seconds``: a process asked to stop must stop
+        (Kubernetes kills it after its grace period anyway), and a step that hangs is
+        logged with every task's and thread's stack, taken while it still hangs, so the
+        report names the await it hangs on. The step runs in the drain's own task, in
+        order (deregistering right after health turns NOT_SERVING)."""
+        loop = asyncio.get_running_loop()
+        stacks: list[str] = []
+        snapshot = loop.call_later(seconds, lambda: stacks.append(format_stacks(loop)))
+        try:
+            async with asyncio.timeout(seconds + 0.05):  # after the snapshot
+                await awaitable
+        except TimeoutError:
+            self.drain_overruns.append(step)
+            log.error("drain step overran; going on", extra={"address": self.address, "step": step, "seconds": seconds,
+                                                             "stacks": stacks[0] if stacks else ""})
+        finally:
+            snapshot.cancel()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT drain; a second signal during a drain stops at once."""
