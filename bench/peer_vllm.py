@@ -2,13 +2,14 @@
 
     python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg] [--num-prompts 50]
                               [--input-len 128] [--output-len 32] [--locust-users 8] [--locust-time 30]
-                              [--server-core 1] [--client-core 0]
+                              [--server-core 1] [--client-core 0] [--disagg-flags "..."]
 
 Needs vLLM's CPU build in .venv-vllm/ (``infra/scripts/vllm.sh install``). In one run, one
 server at a time (so no two servers share the cores): vLLM (``vllm serve``), then Cleave
 single-process (``cleave up --mode single --num-threads 1``), then Cleave disaggregated
-(``cleave up`` defaults: Redis, a KV store, 1 prefill and 2 decode workers, 2 expert
-replicas, the router; 1 torch thread per worker). Each server runs under ``taskset -c
+(``cleave up`` defaults, which size the pools to the one server core: Redis, a KV store,
+1 prefill and 1 decode worker, 1 expert replica, the router; 1 torch thread per worker;
+``--disagg-flags "--decode-workers 2 --expert-replicas 2"`` runs the two-core layout on it). Each server runs under ``taskset -c
 SERVER_CORE`` (every process it spawns inherits that mask) and each client under ``taskset
 -c CLIENT_CORE``: on a 2-core machine the server has core 1 and the client core 0.
 
@@ -37,6 +38,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -317,6 +319,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-timeout", type=float, default=600, help="seconds for a server to come up")
     parser.add_argument("--client-timeout", type=float, default=900, help="seconds for one `vllm bench serve`")
+    parser.add_argument("--disagg-flags", default="",
+                        help="more `cleave up` flags for the disagg shape, e.g. \"--decode-workers 1\"")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args()
     if not VLLM.exists():
@@ -336,7 +340,8 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     errors: list[str] = []
     # Other work on a shared machine shows in the figures: record how busy it was.
-    header = [f"commit {git_commit()}; load average (1/5/15 min) at start {load_average()}"]
+    header = [f"commit {git_commit()}; load average (1/5/15 min) at start {load_average()}"
+              + (f"; disagg: cleave up {args.disagg_flags}" if args.disagg_flags else "")]
     print(header[0], file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="cleave-bench-vllm-") as tmp:
         tmp_path = Path(tmp)
@@ -356,7 +361,7 @@ def main() -> None:
                     server.down()
             else:
                 flags = (["--mode", "single", "--num-threads", "1"] if side == "single"
-                         else ["--mode", "disaggregated"])
+                         else ["--mode", "disaggregated", *shlex.split(args.disagg_flags)])
                 platform = PinnedPlatform(tmp_path / side, model_dir, *flags, served_model_name=name,
                                           core=args.server_core)
                 try:

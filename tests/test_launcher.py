@@ -13,7 +13,7 @@ import threading
 import httpx
 import pytest
 
-from cleave.launcher import Supervisor, is_alive
+from cleave.launcher import Supervisor, build_parser, is_alive, size_pools, usable_cores
 
 
 def free_port() -> int:
@@ -132,3 +132,27 @@ def test_expert_groups(args, specs):
     groups = {spec: pairs for spec, pairs in zip(specs, held)}
     # The groups partition every (layer, expert) pair of the model.
     assert sorted(p for pairs in groups.values() for p in pairs) == [(l, e) for l in layers for e in range(num_experts)]
+
+
+@pytest.mark.parametrize("cores, argv, pools", [
+    (1, [], (1, 1)),  # one core: one decode worker batching everything, one replica
+    (2, [], (2, 2)),
+    (16, [], (2, 2)),
+    (1, ["--decode-workers", "3"], (3, 1)),  # what is given is kept
+    (1, ["--expert-groups", "2"], (1, 2)),  # every group needs a replica
+    (1, ["--expert-replicas", "0"], (1, 0)),
+])
+def test_pools_are_sized_to_the_cores_unless_given(cores, argv, pools):
+    args, _ = build_parser("up").parse_known_args(argv)
+    size_pools(args, cores)
+    assert (args.decode_workers, args.expert_replicas) == pools
+
+
+def test_usable_cores_follow_the_affinity_mask():
+    mask = sorted(os.sched_getaffinity(0))
+    out = subprocess.run(["taskset", "-c", str(mask[0]), sys.executable, "-c",
+                          "from cleave.launcher import usable_cores; print(usable_cores())"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    assert usable_cores() == len(mask)

@@ -37,6 +37,8 @@ from cleave.modelzoo.registry import DEFAULT_MODEL
 PLATFORM_MODEL = "smollm2-moe"
 
 LOG_TAIL_LINES = 40
+# Decode workers and expert replicas when not given, on a machine with this many cores or more.
+POOL_SIZE = 2
 
 
 @dataclass(slots=True)
@@ -564,8 +566,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             help="Kafka-protocol broker (Tansu) of the request events (started unless one answers)")
         parser.add_argument("--no-events", action="store_true", help="no broker, no request-lifecycle events")
         parser.add_argument("--prefill-workers", type=int, default=1)
-        parser.add_argument("--decode-workers", type=int, default=2)
-        parser.add_argument("--expert-replicas", type=int, default=2, help="for an MoE model; 0 keeps experts local")
+        parser.add_argument("--decode-workers", type=int, default=None,
+                            help=f"default {POOL_SIZE}, or one per core where `cleave up` may use fewer cores "
+                                 "(its CPU affinity: taskset, a cpuset)")
+        parser.add_argument("--expert-replicas", type=int, default=None,
+                            help=f"for an MoE model; 0 keeps experts local (default {POOL_SIZE}, or one per core "
+                                 "where `cleave up` may use fewer cores)")
         parser.add_argument("--expert-groups", type=int, default=0,
                             help="ways the experts are split (default: one group per replica); replicas beyond "
                                  "the groups hold a second copy, so one can die without a 503")
@@ -594,9 +600,30 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a cpuset), which
+    every process it starts inherits."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def size_pools(args: argparse.Namespace, cores: int) -> None:
+    """Fill the pool sizes left unset: up to POOL_SIZE each, no more than the cores. On one
+    core two decode workers split the batch (each step pays its fixed costs and an expert
+    call per MoE layer for half the sequences) and cannot run at once anyway."""
+    per_pool = max(1, min(POOL_SIZE, cores))
+    if args.decode_workers is None:
+        args.decode_workers = per_pool
+    if args.expert_replicas is None:
+        args.expert_replicas = max(per_pool, args.expert_groups)
+
+
 def check_up_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.dense:
         args.model = DEFAULT_MODEL
+    size_pools(args, usable_cores())
     for name in ("prefill_workers", "decode_workers", "kvstores", "worker_threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
