@@ -197,7 +197,7 @@ def test_prefix_from_the_store_is_reused_exactly(cluster, hf_model, vocab_size):
     size = ENGINE["block_size"]
     fetched_before, put_before = blocks(1, "fetched"), (blocks(0, "put"), blocks(1, "put"))
     first_round, _ = generate(p0, d0, "prefix-0", prompts[0], greedy(8))
-    # A prompt with no cached prefix anywhere: every full block is put.
+    # A prompt with no cached prefix anywhere: every full block is put, without asking first.
     assert blocks(0, "put") - put_before[0] == len(prompts[0]) // size
     # The second round runs on the other prefill worker, whose own cache never saw the
     # prefix: its blocks can only come from the store.

@@ -172,10 +172,14 @@ class KVHandoff:
             stats.num_bytes += len(data)
         return blocks, stats
 
-    async def put_missing(self, blocks: Sequence[KVBlock], stores: list[InstanceRecord]) -> tuple[list[int], TransferStats]:
+    async def put_missing(self, blocks: Sequence[KVBlock], stores: list[InstanceRecord], *,
+                          ask_first: bool = True) -> tuple[list[int], TransferStats]:
         """Put the blocks their stores lack (pinning every block for ``pin_ttl_seconds``
         so that decode finds it); returns the hashes now stored, in order, stopping at
-        the first that is not."""
+        the first that is not. ``ask_first=False`` skips asking each store which blocks it
+        holds, for a caller that just found none of them anywhere (a prompt with no cached
+        prefix): the answer would be "none" but for a race, and a block another worker
+        stored meanwhile is only written again with the same bytes."""
         stats = TransferStats()
         if not blocks or not stores:
             return [], stats
@@ -186,7 +190,7 @@ class KVHandoff:
 
         async def one_store(sid: str, hashes: list[int]) -> None:
             client = self.client(by_id[sid].address)
-            present = await client.contains(hashes, timeout=self.timeout)
+            present = await client.contains(hashes, timeout=self.timeout) if ask_first else [False] * len(hashes)
             have = [h for h, p in zip(hashes, present) if p]
             if have and self.pin_ttl_seconds:
                 await client.pin(have, self.pin_ttl_seconds, timeout=self.timeout)

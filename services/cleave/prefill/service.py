@@ -67,7 +67,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"request {request.request_id} ended without a token")
 
         exported = await server.engine.export_blocks(hashes)
-        stored, put = await server.handoff.put_missing(exported, stores)
+        # No cached prefix: the engine and the stores it asked held none of these blocks.
+        stored, put = await server.handoff.put_missing(exported, stores, ask_first=output.num_cached_tokens > 0)
         metrics.count_transfer("put", put)
         if len(stored) < len(hashes) and stores:
             log.warning("prompt blocks not all stored", extra={
