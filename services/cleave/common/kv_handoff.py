@@ -28,6 +28,7 @@ from cleave.common import redis_metrics
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.metrics_http import MetricsHTTPServer
 from cleave.common.startup import freeze_startup_heap, run_service
+from cleave.common.tasks import cancel_and_wait
 from cleave.common.registry import CLIENT_OPTIONS, DEFAULT_REDIS_URL, AsyncRegistration, AsyncRegistry, InstanceRecord
 from cleave.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from cleave.engine.config import EngineConfig
@@ -457,9 +458,7 @@ class WorkerServer:
         await self.grpc.drain(grace)
 
     async def _close(self) -> None:
-        if self._load_task is not None:
-            self._load_task.cancel()
-            await asyncio.gather(self._load_task, return_exceptions=True)
+        await cancel_and_wait(self._load_task)  # it asks Redis: one cancel may not take
         await asyncio.to_thread(self.engine.shutdown)
         if self.expert_backend is not None:
             self.expert_backend.close()

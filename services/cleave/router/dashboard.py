@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from fastapi.responses import HTMLResponse
 
+from cleave.common.tasks import cancel_and_wait
 from cleave.observability.status_lists import DECISIONS_KEY, DIAGNOSES_KEY
 from cleave.router.dashboard_page import PAGE
 from cleave.router.workers import HEALTH_SERVING, ROLES
@@ -219,8 +220,7 @@ def add_dashboard_routes(app, pool, metrics, config) -> DashboardSampler:
             try:
                 yield state
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await cancel_and_wait(task)  # it reads Redis: one cancel may not take
 
     app.router.lifespan_context = lifespan
 

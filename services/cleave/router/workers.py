@@ -21,6 +21,7 @@ from redis import asyncio as aioredis
 
 from cleave.common.grpc_server import channel_options
 from cleave.common.registry import AsyncRegistry, InstanceRecord
+from cleave.common.tasks import cancel_and_wait
 from cleave.kvstore.index import lookup
 from cleave.router.plugins import Candidate
 
@@ -67,9 +68,7 @@ class WorkerPool:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)  # they ask Redis: one cancel may not take
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
