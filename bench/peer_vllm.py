@@ -9,9 +9,10 @@ server at a time (so no two servers share the cores): vLLM (``vllm serve``), the
 single-process (``cleave up --mode single --num-threads 1``), then Cleave disaggregated
 (``cleave up`` defaults, which size the pools to the one server core: Redis, a KV store,
 1 prefill and 1 decode worker, 1 expert replica, the router; 1 torch thread per worker;
-``--disagg-flags "--decode-workers 2 --expert-replicas 2"`` runs the two-core layout on it). Each server runs under ``taskset -c
-SERVER_CORE`` (every process it spawns inherits that mask) and each client under ``taskset
--c CLIENT_CORE``: on a 2-core machine the server has core 1 and the client core 0.
+``--disagg-flags "--decode-workers 2 --expert-replicas 2"`` runs the two-core layout on
+it). Each server runs under ``taskset -c SERVER_CORE`` (every process it spawns inherits
+that mask) and each client under ``taskset -c CLIENT_CORE``: on a 2-core machine the
+server has core 1 and the client core 0.
 
 Every server is driven, after a short warm-up, by ``vllm bench serve`` (OpenAI
 ``/v1/completions``, streaming; random dataset, ``--input-len`` in / ``--output-len`` out,

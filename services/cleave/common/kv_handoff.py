@@ -191,12 +191,14 @@ class KVHandoff:
 
         async def one_store(sid: str, hashes: list[int]) -> None:
             client = self.client(by_id[sid].address)
-            present = await client.contains(hashes, timeout=self.timeout) if ask_first else [False] * len(hashes)
-            have = [h for h, p in zip(hashes, present) if p]
-            if have and self.pin_ttl_seconds:
-                await client.pin(have, self.pin_ttl_seconds, timeout=self.timeout)
-            stored.update(have)
-            missing = [h for h, p in zip(hashes, present) if not p]
+            missing = hashes
+            if ask_first:
+                present = await client.contains(hashes, timeout=self.timeout)
+                have = [h for h, p in zip(hashes, present) if p]
+                if have and self.pin_ttl_seconds:
+                    await client.pin(have, self.pin_ttl_seconds, timeout=self.timeout)
+                stored.update(have)
+                missing = [h for h, p in zip(hashes, present) if not p]
             if not missing:
                 return
             payloads = [(h, by_hash[h].to_bytes()) for h in missing]
