@@ -1,6 +1,7 @@
-"""Expert replicas over real gRPC on 127.0.0.1: remote experts give the engine the same
-greedy tokens as local ones (and so as transformers), a failed replica's share moves to
-another holding the same experts, and bad calls get INVALID_ARGUMENT."""
+"""Expert replicas over real gRPC and their RunExperts stream on 127.0.0.1: remote experts
+give the engine the same greedy tokens as local ones (and so as transformers) over either,
+a failed replica's share moves to another holding the same experts, and bad calls get
+INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import asyncio
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
+import httpx
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +31,7 @@ from cleave.expert.client import ExpertUnavailableError, RemoteExpertBackend, Re
 from cleave.expert.config import ExpertConfig
 from cleave.expert.service import ExpertServer
 from cleave.expert.spec import format_spec, parse_canonical, parse_spec
+from cleave.expert.stream import CALL, ERROR, HEADER, StreamCallError, StreamClient, frame
 from cleave.expert.weights import load_experts
 from cleave.expert.wire import to_proto
 from cleave.models.loader import load_model
@@ -56,13 +62,21 @@ class ThreadReplica:
             self.stop()
             raise
         self.address = self.server.address
-        self.replica = Replica(self.address, self.server.experts.pairs, config.instance_id)
+        # As the registry describes it (the stream preferred), and as a caller that knows
+        # only the gRPC address sees it.
+        self.replica = Replica(self.address, self.server.experts.pairs, config.instance_id, self.server.stream_address)
+        self.grpc_replica = Replica(self.address, self.server.experts.pairs, config.instance_id)
+
+    def as_seen(self, transport: str) -> Replica:
+        return self.replica if transport == "stream" else self.grpc_replica
 
     def _run(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def kill(self) -> None:
         """Stop at once, cancelling calls in flight, as a crashed process would."""
+        if self.server.stream is not None:
+            self.loop.call_soon_threadsafe(self.server.stream.abort)
         self._run(self.server.grpc.server.stop(0))
 
     def stop(self) -> None:
@@ -122,6 +136,12 @@ def test_bad_spec(spec, message):
         parse_spec(spec, [0, 1], 8)
 
 
+@pytest.mark.parametrize("port", [-2, 65536])
+def test_stream_port_out_of_range_is_refused(port):
+    with pytest.raises(ValueError, match=r"stream_port must be in \[-1, 65535\]"):
+        ExpertConfig(model="m", stream_port=port)
+
+
 @pytest.mark.parametrize("name", MOE_FAMILIES)
 def test_loads_only_held_experts_equal_to_model(tiny_models, name):
     model = load_model(tiny_models[name])
@@ -136,12 +156,13 @@ def test_loads_only_held_experts_equal_to_model(tiny_models, name):
 # -- exactness ---------------------------------------------------------------------------
 
 
-def test_remote_experts_equal_local_and_transformers(family, replicas):
+@pytest.mark.parametrize("transport", ["stream", "grpc"])
+def test_remote_experts_equal_local_and_transformers(family, replicas, transport):
     name, path, hf = family
     first, second = replicas(path, "0-3"), replicas(path, "4-7")
     local = make_engine(path)
     remote = make_engine(path)
-    backend = RemoteExpertBackend([first.replica, second.replica], timeout=30)
+    backend = RemoteExpertBackend([first.as_seen(transport), second.as_seen(transport)], timeout=30)
     remote.model.set_expert_backend(backend)
     prompts = mixed_prompts(hf.config.vocab_size, 16, seed=11)
     expected = local.generate(prompts, GREEDY)
@@ -156,11 +177,12 @@ def test_remote_experts_equal_local_and_transformers(family, replicas):
 # slot) and whole layers (one replica answers a layer: every slot, in order, in one call).
 @pytest.mark.parametrize("split", [("0,2,4,6", "1,3,5,7"), ("0:0-7", "1:0-7")], ids=["experts", "layers"])
 @pytest.mark.parametrize("top_k", [1, 2, 3, 8])
-def test_slots_bit_identical_for_any_top_k(tiny_models, replicas, top_k, split):
+@pytest.mark.parametrize("transport", ["stream", "grpc"])
+def test_slots_bit_identical_for_any_top_k(tiny_models, replicas, top_k, split, transport):
     path = tiny_models["mixtral"]
     model = load_model(path)
     first, second = (replicas(path, spec) for spec in split)
-    backend = RemoteExpertBackend([first.replica, second.replica], timeout=30)
+    backend = RemoteExpertBackend([first.as_seen(transport), second.as_seen(transport)], timeout=30)
     generator = torch.Generator().manual_seed(top_k)
     hidden = torch.randn(37, model.config.hidden_size, generator=generator)
     probs = torch.rand(37, 8, generator=generator).softmax(-1)
@@ -175,7 +197,8 @@ def test_slots_bit_identical_for_any_top_k(tiny_models, replicas, top_k, split):
 # -- failover ----------------------------------------------------------------------------
 
 
-def test_failover_to_a_replica_holding_the_same_experts(tiny_models, replicas):
+@pytest.mark.parametrize("transport", ["stream", "grpc"])
+def test_failover_to_a_replica_holding_the_same_experts(tiny_models, replicas, transport):
     path = tiny_models["mixtral"]
     doomed, backup, rest = replicas(path, "0-3"), replicas(path, "0-3"), replicas(path, "4-7")
     local = make_engine(path)
@@ -183,7 +206,7 @@ def test_failover_to_a_replica_holding_the_same_experts(tiny_models, replicas):
     expected = local.generate(prompts, GREEDY)
     remote = make_engine(path)
     # The doomed replica comes first, so the backend sends it experts 0-3 until it dies.
-    backend = RemoteExpertBackend([doomed.replica, backup.replica, rest.replica], timeout=30)
+    backend = RemoteExpertBackend([r.as_seen(transport) for r in (doomed, backup, rest)], timeout=30)
     remote.model.set_expert_backend(backend)
     for index, prompt in enumerate(prompts):
         remote.add_request(str(index), prompt, GREEDY)
@@ -221,6 +244,33 @@ def test_uncovered_expert_raises_without_calling(tiny_models, replicas):
     assert backend.num_calls == 0
 
 
+EVERY_PAIR = frozenset((layer, e) for layer in (0, 1) for e in range(8))
+
+
+def _check_one_deadline(model, hung: Replica, healthy: Replica) -> None:
+    """``hung`` takes calls and never answers: its share moves on to ``healthy`` after one
+    deadline, and with nowhere to move it the error comes after the deadline, not never."""
+    hidden = torch.randn(5, 64)
+    weights, ids = torch.topk(torch.rand(5, 8).softmax(-1), 2, dim=-1)
+    backend = RemoteExpertBackend([hung, healthy], timeout=1)
+    alone = RemoteExpertBackend([hung], timeout=1)
+    try:
+        started = time.monotonic()
+        for layer in (0, 1):
+            expected = model.local_expert_backend().forward(layer, hidden, ids, weights)
+            assert torch.equal(backend.forward(layer, hidden, ids, weights), expected)
+        assert backend.num_failovers == 1  # set aside after its first deadline
+        assert time.monotonic() - started < 4
+
+        started = time.monotonic()
+        with pytest.raises(ExpertUnavailableError, match="DEADLINE_EXCEEDED"):
+            alone.forward(0, hidden, ids, weights)
+        assert time.monotonic() - started < 4
+    finally:
+        backend.close()
+        alone.close()
+
+
 class _Hung(pb_grpc.ExpertServicer):
     async def RunExperts(self, request, context):
         await asyncio.Event().wait()
@@ -244,29 +294,21 @@ def test_hung_replica_costs_one_deadline(tiny_models, replicas):
 
     server, port = asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
     try:
-        every = frozenset((layer, e) for layer in (0, 1) for e in range(8))
-        hung = Replica(f"127.0.0.1:{port}", every)
-        healthy = replicas(path, "all")
-        hidden = torch.randn(5, 64)
-        weights, ids = torch.topk(torch.rand(5, 8).softmax(-1), 2, dim=-1)
-        expected = model.local_expert_backend().forward(0, hidden, ids, weights)
-
-        backend = RemoteExpertBackend([hung, healthy.replica], timeout=1)
-        started = time.monotonic()
-        assert torch.equal(backend.forward(0, hidden, ids, weights), expected)
-        assert torch.equal(backend.forward(1, hidden, ids, weights), model.local_expert_backend().forward(1, hidden, ids, weights))
-        assert backend.num_failovers == 1  # set aside after its first deadline
-        assert time.monotonic() - started < 4
-
-        alone = RemoteExpertBackend([hung], timeout=1)
-        started = time.monotonic()
-        with pytest.raises(ExpertUnavailableError, match="DEADLINE_EXCEEDED"):
-            alone.forward(0, hidden, ids, weights)
-        assert time.monotonic() - started < 4
+        hung = Replica(f"127.0.0.1:{port}", EVERY_PAIR)
+        _check_one_deadline(model, hung, replicas(path, "all").grpc_replica)
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_hung_stream_costs_one_deadline(tiny_models, replicas):
+    """The same over the stream: a listener that takes connections and never answers."""
+    path = tiny_models["mixtral"]
+    model = load_model(path)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody reads
+        hung = Replica("127.0.0.1:1", EVERY_PAIR, "", f"127.0.0.1:{silent.getsockname()[1]}")
+        _check_one_deadline(model, hung, replicas(path, "all").replica)
 
 
 # -- the service -------------------------------------------------------------------------
@@ -293,13 +335,85 @@ def _request(layer=0, hidden=None, ids=None, weights=None, experts=()):
      "hidden_states: 2 bytes for shape"),
     (pb.RunExpertsRequest(layer=0, hidden_states=common_pb2.Tensor(dtype="complex64")), "unknown dtype"),
 ])
-def test_bad_input_is_invalid_argument(tiny_models, replicas, request_, message):
+@pytest.mark.parametrize("transport", ["stream", "grpc"])
+def test_bad_input_is_invalid_argument(tiny_models, replicas, request_, message, transport):
     replica = replicas(tiny_models["mixtral"], "0-3")
-    with grpc.insecure_channel(replica.address) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            pb_grpc.ExpertStub(channel).RunExperts(request_, timeout=10)
+    if transport == "stream":
+        stream = StreamClient(replica.server.stream_address)
+        with pytest.raises(StreamCallError) as caught:
+            stream.call(request_, timeout=10)
+        # The connection is dropped after an error; the next call dials again and succeeds.
+        assert list(stream.call(_request(), timeout=10).expert_ids) == [0, 1, 2, 3]
+        stream.close()
+    else:
+        with grpc.insecure_channel(replica.address) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.ExpertStub(channel).RunExperts(request_, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert re.search(message, caught.value.details())
+    body = httpx.get(f"http://127.0.0.1:{replica.server.metrics_port}/metrics", timeout=10).text
+    assert 'cleave_expert_rejected_requests_total{code="INVALID_ARGUMENT"} 1.0' in body
+
+
+def _exchange(address: str, data: bytes) -> tuple[int, bytes, bytes]:
+    """Send raw bytes down a new connection: the reply's kind, payload, and what follows
+    (empty once the replica hangs up)."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+            if len(received) >= HEADER.size and len(received) >= HEADER.size + HEADER.unpack(received[:HEADER.size])[0]:
+                break
+        length, kind = HEADER.unpack(received[:HEADER.size])
+        payload = received[HEADER.size:HEADER.size + length]
+        rest = received[HEADER.size + length:]
+        if not rest:
+            sock.settimeout(5)
+            rest = sock.recv(65536)
+    return kind, payload, rest
+
+
+@pytest.mark.parametrize("data, code, message, hangs_up", [
+    (frame(CALL, b"\xff\xff\xff"), "INVALID_ARGUMENT", "not a RunExpertsRequest", False),
+    (HEADER.pack(3, 7) + b"abc", "INVALID_ARGUMENT", "unknown frame kind 7", True),
+    (HEADER.pack(2**31, CALL), "RESOURCE_EXHAUSTED", "over the limit", True),
+], ids=["garbage", "kind", "too-long"])
+def test_bad_frames_get_an_error_and_a_bad_header_a_hang_up(tiny_models, replicas, data, code, message, hangs_up):
+    replica = replicas(tiny_models["mixtral"], "0-3")
+    address = replica.server.stream_address
+    kind, payload, rest = _exchange(address, data) if hangs_up else _exchange(address, data + frame(CALL, b""))
+    assert kind == ERROR
+    name, _, text = payload.decode().partition("\n")
+    assert name == code and message in text, payload
+    if hangs_up:
+        assert rest == b""
+    else:  # the connection goes on: the empty call that followed was answered (INVALID_ARGUMENT: layer 0 of nothing)
+        assert HEADER.unpack(rest[:HEADER.size])[1] == ERROR
+
+
+def test_stream_drain_finishes_the_call_in_flight_then_refuses(tiny_models, replicas):
+    replica = replicas(tiny_models["mixtral"], "all")
+    stream = StreamClient(replica.server.stream_address)
+    hidden = torch.randn(600, 64)  # over INLINE_MAX_TOKENS: runs on a thread while the drain starts
+    ids = torch.randint(0, 8, (600, 2))
+    big = _request(hidden=hidden, ids=ids, weights=torch.full((600, 2), 0.5))
+    assert len(stream.call(big, timeout=10).slot_indices) == 1200
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(stream.call, big, 30)
+        deadline = time.monotonic() + 10
+        while not any(replica.server.stream._connections.values()):
+            assert time.monotonic() < deadline, "the call never reached the replica"
+            time.sleep(0.001)
+        replica.stop()
+        assert len(in_flight.result(30).slot_indices) == 1200
+    with pytest.raises(StreamCallError) as caught:
+        stream.call(_request(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    stream.close()
+
+
 
 
 def test_unheld_slots_are_not_returned(tiny_models, replicas):
@@ -314,8 +428,6 @@ def test_unheld_slots_are_not_returned(tiny_models, replicas):
 
 
 def test_health_registry_and_metrics(tiny_models, replicas, redis_url):
-    import httpx
-
     replica = replicas(tiny_models["mixtral"], "1:4-7", redis_url=redis_url, instance_id="expert-a")
     with grpc.insecure_channel(replica.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -326,6 +438,7 @@ def test_health_registry_and_metrics(tiny_models, replicas, redis_url):
     record = registry.get("expert", "expert-a")
     assert record is not None and record.address == replica.address
     assert record.capabilities["experts"] == "1:4-7"
+    assert record.capabilities["stream_address"] == replica.server.stream_address != ""
     assert parse_canonical(record.capabilities["experts"]) == {(1, e) for e in range(4, 8)}
 
     backend = RemoteExpertBackend(registry=Registry.from_url(redis_url), timeout=10)
@@ -345,11 +458,12 @@ def test_process_serves_registers_and_fails_over(tiny_models, redis_url):
     """``python -m cleave.expert`` as real processes; SIGKILL one, the backend moves on."""
     path = tiny_models["qwen2_moe"]
     env = {**os.environ, "CLEAVE_REDIS_URL": redis_url, "CLEAVE_METRICS_PORT": "0"}
+    # proc-1 turns its stream off: its callers use gRPC.
     procs = [
-        subprocess.Popen([sys.executable, "-m", "cleave.expert", "--model", str(path), "--experts", spec,
-                          "--port", "0", "--instance-id", f"proc-{i}", "--num-threads", "1"],
+        subprocess.Popen([sys.executable, "-m", "cleave.expert", "--model", str(path), "--experts", "all",
+                          "--port", "0", "--instance-id", f"proc-{i}", "--num-threads", "1", "--stream-port", port],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for i, spec in enumerate(["all", "all"])
+        for i, port in enumerate(["0", "-1"])
     ]
     try:
         registry = Registry.from_url(redis_url)
@@ -359,6 +473,8 @@ def test_process_serves_registers_and_fails_over(tiny_models, redis_url):
             assert time.monotonic() < deadline, "replicas did not register"
             time.sleep(0.05)
         backend = RemoteExpertBackend(registry=registry, timeout=10)
+        streams = {r.instance_id: r.stream_address for r in backend.replicas}
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", streams["proc-0"]) and streams["proc-1"] == "", streams
         engine = make_engine(path)
         engine.model.set_expert_backend(backend)
         prompts = mixed_prompts(512, 4, seed=14)

@@ -261,6 +261,12 @@ def test_role_config_becomes_cleave_environment():
     assert env["CLEAVE_EXPERT_BACKEND"] == "remote"
     assert env["CLEAVE_PORT"] == "50080" and env["CLEAVE_METRICS_PORT"] == "9480"
     assert env["CLEAVE_REDIS_URL"] == "redis://redis.data.svc:6379/0"
+    assert "CLEAVE_STREAM_PORT" not in env
+    # Expert replicas serve RunExperts on a fixed stream port too, declared like gRPC's.
+    (expert,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "cleave-expert"]
+    container = expert["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in container["env"]}["CLEAVE_STREAM_PORT"] == "50091"
+    assert {"name": "stream", "containerPort": 50091} in container["ports"]
 
 
 def test_dashboards_ship_as_valid_json_configmaps():

@@ -559,6 +559,12 @@ def test_children_load_into_the_kubernetes_models(model: dict[str, Any]) -> None
         assert {"/tmp", children.CACHE_MOUNT} <= {mount.mount_path for mount in container.volume_mounts}
         if role.name == "decode":
             assert parsed.spec.template.spec.containers[0].resources.limits == {"nvidia.com/gpu": "1", "memory": "8Gi"}
+        env = {e.name: e.value for e in container.env}
+        if role.name == "expert":  # RunExperts' stream on a fixed, declared port
+            assert env["CLEAVE_STREAM_PORT"] == "50091"
+            assert ("stream", 50091) in {(port.name, port.container_port) for port in container.ports}
+        else:
+            assert "CLEAVE_STREAM_PORT" not in env
         kubernetes.client.V1Service.from_dict(children.service("m", role.name))
     kubernetes.client.V1ConfigMap.from_dict(children.config_map("m", {"CLEAVE_MODEL": "/models/m"}))
 

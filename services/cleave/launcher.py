@@ -346,7 +346,8 @@ def disaggregated_specs(args: argparse.Namespace, model_path: Path, extra: list[
     worker_flags = ["--model", model, *threads, *extra]
     num_experts = num_routed_experts(model_path)
     if num_experts and args.expert_replicas > 0:
-        experts = [worker(f"expert-{i}", "expert", grpc_base + 30 + i, metrics_base + 30 + i, "--model", model, "--experts", spec, *threads)
+        experts = [worker(f"expert-{i}", "expert", grpc_base + 30 + i, metrics_base + 30 + i, "--model", model, "--experts", spec,
+                          "--stream-port", str(grpc_base + 40 + i), *threads)
                    for i, spec in enumerate(expert_groups(num_experts, ModelConfig.from_pretrained(model_path).moe_layers,
                                                           args.expert_replicas, args.expert_groups, args.expert_placement))]
         worker_flags += ["--expert-backend", "remote"]
@@ -388,7 +389,7 @@ def ports_taken(tiers: list[list[ProcessSpec]], args: argparse.Namespace) -> lis
     for spec in (spec for tier in tiers for spec in tier):
         if spec.name == "redis":
             continue
-        for flag in ("--port", "--metrics-port", "--grpc-port"):
+        for flag in ("--port", "--metrics-port", "--grpc-port", "--stream-port"):
             if flag in spec.argv:
                 port = int(spec.argv[spec.argv.index(flag) + 1])
                 if port and port_in_use(client_host(args.host), port):
@@ -581,7 +582,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--kvstores", type=int, default=1)
         parser.add_argument("--kvstore-capacity-mb", type=float, default=1024.0)
         parser.add_argument("--worker-base-port", type=int, default=50060,
-                            help="workers' gRPC ports: kvstore base+0.., prefill +10.., decode +20.., expert +30..")
+                            help="workers' gRPC ports: kvstore base+0.., prefill +10.., decode +20.., expert +30.. "
+                                 "(and the experts' RunExperts streams +40..)")
         parser.add_argument("--metrics-base-port", type=int, default=9460,
                             help="workers' /metrics ports, numbered as --worker-base-port")
         parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker process")

@@ -97,7 +97,7 @@ router: {key: router, port: 50051, metricsPort: 8000, httpPort: 8000}
 prefill: {key: prefill, port: 50070, metricsPort: 9470}
 decode: {key: decode, port: 50080, metricsPort: 9480}
 kvstore: {key: kvstore, port: 50060, metricsPort: 9460}
-expert: {key: experts, port: 50090, metricsPort: 9490}
+expert: {key: experts, port: 50090, metricsPort: 9490, streamPort: 50091}
 {{- end -}}
 
 

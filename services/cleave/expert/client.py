@@ -3,7 +3,8 @@ whose experts live in expert replicas.
 
 For one MoE layer the backend picks, for each expert the layer's tokens were routed to,
 one replica holding it (as few replicas as it can), and sends each picked replica ONE
-``RunExperts`` call with only the tokens routed to its share, all calls at once. It
+``RunExperts`` call with only the tokens routed to its share, all calls at once, over the
+replica's stream (:mod:`cleave.expert.stream`) when it has one, else over gRPC. It
 places the returned slots into one ``[T * k, H]`` tensor and sums them with
 :func:`~cleave.models.moe.accumulate_slots`: each expert runs on exactly the rows it
 would run on in process, so the result is bit for bit the local one.
@@ -32,6 +33,7 @@ from prometheus_client import Histogram
 from cleave.common.grpc_server import channel_options
 from cleave.common.registry import Registry
 from cleave.expert.spec import Pair, format_spec, parse_canonical
+from cleave.expert.stream import StreamClient
 from cleave.expert.wire import from_proto, to_proto
 from cleave.models.moe import ExpertBackendError, accumulate_slots
 from cleave.protogen.cleave.v1 import expert_pb2 as pb
@@ -66,11 +68,14 @@ class ExpertCallError(ExpertBackendError):
 
 @dataclass(frozen=True, slots=True)
 class Replica:
-    """One expert replica: where to dial it and the (layer, expert) pairs it holds."""
+    """One expert replica: where to dial it and the (layer, expert) pairs it holds.
+    ``stream_address``: its RunExperts stream (cleave.expert.stream), used instead of
+    gRPC when set."""
 
     address: str
     experts: frozenset[Pair]
     instance_id: str = ""
+    stream_address: str = ""
 
 
 def model_name(path: str | Path) -> str:
@@ -91,7 +96,8 @@ def replicas_from_registry(registry: Registry, model: str = "") -> list[Replica]
                         extra={"instance_id": record.instance_id, "error": str(exc)})
             continue
         if experts:
-            replicas.append(Replica(record.address, experts, record.instance_id))
+            stream = str(record.capabilities.get("stream_address") or "")
+            replicas.append(Replica(record.address, experts, record.instance_id, stream))
     return replicas
 
 
@@ -125,6 +131,8 @@ class RemoteExpertBackend:
         self._next_refresh = 0.0
         self._down_until: dict[str, float] = {}
         self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.ExpertStub]] = {}
+        # By gRPC address: the replica's stream, None for one without (gRPC it is).
+        self._streams: dict[str, StreamClient | None] = {}
         # CALL_SECONDS child per address, looked up once rather than on every call.
         self._call_seconds: dict[str, Any] = {}
         self._pool: ThreadPoolExecutor | None = None  # the calls beside the last, when a layer needs several
@@ -151,6 +159,12 @@ class RemoteExpertBackend:
         addresses = {replica.address for replica in self.static}
         self.replicas = self.static + [replica for replica in found if replica.address not in addresses]
         self._call_seconds.clear()  # an address may now name another instance
+        streams = {replica.address: replica.stream_address for replica in self.replicas}
+        for address, stream in list(self._streams.items()):
+            if streams.get(address) != (stream.address if stream else ""):
+                if stream is not None:
+                    stream.close()
+                del self._streams[address]
 
     def close(self) -> None:
         if self._pool is not None:
@@ -159,6 +173,10 @@ class RemoteExpertBackend:
         for channel, _ in self._stubs.values():
             channel.close()
         self._stubs.clear()
+        for stream in self._streams.values():
+            if stream is not None:
+                stream.close()
+        self._streams.clear()
         if self.registry is not None:
             self.registry.client.close()
 
@@ -289,8 +307,15 @@ class RemoteExpertBackend:
         if seconds is None:
             replica = next((r.instance_id for r in self.replicas if r.address == address and r.instance_id), address)
             seconds = self._call_seconds[address] = CALL_SECONDS.labels(replica)
+        if address in self._streams:
+            stream = self._streams[address]
+        else:
+            target = next((r.stream_address for r in self.replicas if r.address == address), "")
+            stream = self._streams[address] = StreamClient(target) if target else None
         sent = time.perf_counter()
         try:
+            if stream is not None:
+                return stream.call(request, self.timeout)
             return self._stub(address).RunExperts(request, timeout=self.timeout)
         finally:
             seconds.observe(time.perf_counter() - sent)

@@ -25,6 +25,11 @@ class ExpertConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16; callers must send this dtype"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC server to"})
     port: int = field(default=DEFAULT_PORT, metadata={"help": "gRPC port; 0 picks a free one"})
+    stream_port: int = field(
+        default=0,
+        metadata={"help": "port of the RunExperts stream that callers prefer to gRPC (docs/expert.md); "
+                          "0 picks a free one, -1 turns it off"},
+    )
     advertise_address: str = field(
         default="", metadata={"help": "host:port registered for other services to dial; default: host:port"}
     )
@@ -40,6 +45,8 @@ class ExpertConfig:
             raise ValueError("model is required (a Hugging Face MoE model folder)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], not {self.port}")
+        if not -1 <= self.stream_port < 65536:
+            raise ValueError(f"stream_port must be in [-1, 65535], not {self.stream_port}")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in [-1, 65535], not {self.metrics_port}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -17,6 +17,7 @@ from cleave.expert.client import model_name
 from cleave.expert.config import ExpertConfig
 from cleave.expert.metrics import ExpertMetrics
 from cleave.expert.spec import format_spec, parse_spec
+from cleave.expert.stream import InvalidRequest, StreamServer
 from cleave.expert.weights import HeldExperts, load_experts
 from cleave.expert.wire import WireError, from_proto, to_proto
 from cleave.models.config import ModelConfig
@@ -30,10 +31,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Expert"].full_name
 ROLE = "expert"
 # Calls with at most this many tokens run on the event loop itself (see RunExperts).
 INLINE_MAX_TOKENS = 64
-
-
-class InvalidRequest(ValueError):
-    pass
 
 
 def _check_request(request: pb.RunExpertsRequest,
@@ -106,12 +103,19 @@ class ExpertServicer(pb_grpc.ExpertServicer):
         self._layer_seconds = {layer: metrics.layer_seconds.labels(layer=str(layer)) for layer, _ in experts.pairs}
 
     async def RunExperts(self, request: pb.RunExpertsRequest, context: grpc.aio.ServicerContext) -> pb.RunExpertsResponse:
+        try:
+            return await self.run(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def run(self, request: pb.RunExpertsRequest) -> pb.RunExpertsResponse:
+        """One call, over gRPC or the stream; raises :class:`InvalidRequest` for a bad one."""
         started = time.perf_counter()
         try:
             hidden, ids, weights, held, flat = _check_request(request, self.experts)
-        except InvalidRequest as exc:
+        except InvalidRequest:
             self.metrics.rejected.labels(code=grpc.StatusCode.INVALID_ARGUMENT.name).inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
         self.load["num_in_flight"] += 1
         try:
             if hidden.shape[0] <= INLINE_MAX_TOKENS:
@@ -154,6 +158,7 @@ class ExpertServer:
         self.metrics = ExpertMetrics(config.instance_id, len(experts.pairs))
         self.registration: AsyncRegistration | None = None
         self.grpc: ServiceServer | None = None  # made in start(): grpc.aio binds to the running loop
+        self.stream: StreamServer | None = None
         self.metrics_port: int | None = None
 
     @property
@@ -161,6 +166,15 @@ class ExpertServer:
         """``host:port`` of the gRPC server, once started."""
         assert self.grpc is not None, "start() first"
         return self.grpc.address
+
+    @property
+    def stream_address(self) -> str:
+        """``host:port`` of the RunExperts stream (cleave.expert.stream), once started;
+        empty when it is off. Its host is the one advertised for gRPC."""
+        if self.stream is None:
+            return ""
+        host = self.address.rpartition(":")[0]
+        return f"{host}:{self.stream.port}"
 
     def capabilities(self) -> dict[str, object]:
         """The registry record's capabilities; ``experts`` is the canonical spec that
@@ -173,6 +187,7 @@ class ExpertServer:
             "num_experts": model.num_experts,
             "dtype": self.config.dtype,
             "metrics_port": self.metrics_port,
+            "stream_address": self.stream_address,
         }
 
     async def start(self) -> None:
@@ -188,6 +203,10 @@ class ExpertServer:
         pb_grpc.add_ExpertServicer_to_server(servicer, self.grpc.server)
         if config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        if config.stream_port >= 0:
+            self.stream = StreamServer(servicer.run, config.host, config.stream_port)
+            await self.stream.start()
+            self.grpc.after_stop(self.stream.close)
         await self.grpc.start()
         if config.redis_url:
             record = InstanceRecord(ROLE, config.instance_id, self.grpc.address, capabilities=self.capabilities(),
@@ -198,7 +217,7 @@ class ExpertServer:
         self.grpc.after_stop(self._close)
         log.info(
             "expert replica ready",
-            extra={"address": self.grpc.address, "metrics_port": self.metrics_port,
+            extra={"address": self.grpc.address, "stream_address": self.stream_address, "metrics_port": self.metrics_port,
                    "experts": format_spec(self.experts.pairs), "instance_id": config.instance_id},
         )
 

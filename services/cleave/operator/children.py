@@ -25,7 +25,7 @@ PORTS: dict[str, dict[str, int]] = {
     "prefill": {"grpc": 50070, "metrics": 9470},
     "decode": {"grpc": 50080, "metrics": 9480},
     "kvstore": {"grpc": 50060, "metrics": 9460},
-    "expert": {"grpc": 50090, "metrics": 9490},
+    "expert": {"grpc": 50090, "metrics": 9490, "stream": 50091},  # stream: RunExperts without gRPC
 }
 
 
@@ -99,6 +99,8 @@ def pod_template(owner: str, role: RoleSpec, *, image: str, pull_policy: str,
         {"name": "CLEAVE_HOST", "value": "0.0.0.0"},
         {"name": "CLEAVE_ADVERTISE_ADDRESS", "value": f"$(POD_IP):{grpc_port}"},
     ]
+    if "stream" in ports:
+        env.append({"name": "CLEAVE_STREAM_PORT", "value": str(ports["stream"])})
     container: dict[str, Any] = {
         "name": role.name,
         "image": image,
