@@ -31,7 +31,7 @@ from cleave.expert.client import ExpertUnavailableError, RemoteExpertBackend, Re
 from cleave.expert.config import ExpertConfig
 from cleave.expert.service import ExpertServer
 from cleave.expert.spec import format_spec, parse_canonical, parse_spec
-from cleave.expert.stream import CALL, ERROR, HEADER, StreamCallError, StreamClient, frame
+from cleave.expert.stream import CALL, ERROR, HEADER, StreamCallError, StreamClient, StreamServer, frame
 from cleave.expert.weights import load_experts
 from cleave.expert.wire import to_proto
 from cleave.models.loader import load_model
@@ -391,6 +391,44 @@ def test_bad_frames_get_an_error_and_a_bad_header_a_hang_up(tiny_models, replica
         assert rest == b""
     else:  # the connection goes on: the empty call that followed was answered (INVALID_ARGUMENT: layer 0 of nothing)
         assert HEADER.unpack(rest[:HEADER.size])[1] == ERROR
+
+
+def test_a_kept_connection_closed_while_idle_is_dialled_again(tiny_models):
+    """A replica that drained and came back on the same port: the caller's kept
+    connection is dead, and the next call goes through on a new one, not UNAVAILABLE."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    calls = []
+
+    async def run(request):
+        calls.append(request.layer)
+        return pb.RunExpertsResponse(expert_ids=[request.layer])
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+    async def start(port):
+        server = StreamServer(run, "127.0.0.1", port)
+        await server.start()
+        return server
+
+    try:
+        first = on_loop(start(0))
+        stream = StreamClient(f"127.0.0.1:{first.port}")
+        assert list(stream.call(pb.RunExpertsRequest(layer=1), timeout=10).expert_ids) == [1]
+        on_loop(first.close())
+        second = on_loop(start(first.port))
+        assert list(stream.call(pb.RunExpertsRequest(layer=2), timeout=10).expert_ids) == [2]
+        assert calls == [1, 2]
+        on_loop(second.close())
+        with pytest.raises(StreamCallError) as caught:  # nobody listening: UNAVAILABLE, at once
+            stream.call(pb.RunExpertsRequest(layer=3), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        stream.close()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def test_stream_drain_finishes_the_call_in_flight_then_refuses(tiny_models, replicas):

@@ -168,19 +168,31 @@ class StreamClient:
 
     def call(self, request: pb.RunExpertsRequest, timeout: float) -> pb.RunExpertsResponse:
         deadline = time.monotonic() + timeout
-        sock = None
-        try:
-            sock = self._idle.pop() if self._idle else self._connect(timeout)
-            sock.settimeout(timeout)
-            sock.sendall(frame(CALL, request.SerializeToString()))
-            length, kind = HEADER.unpack(self._receive(sock, HEADER.size, deadline))
-            payload = self._receive(sock, length, deadline)
-        except TimeoutError:
-            self._discard(sock)
-            raise StreamCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply from {self.address} in {timeout} s") from None
-        except OSError as exc:
-            self._discard(sock)
-            raise StreamCallError(grpc.StatusCode.UNAVAILABLE, f"{self.address}: {exc}") from None
+        data = frame(CALL, request.SerializeToString())
+        while True:
+            sock, reused = None, False
+            try:
+                try:
+                    sock, reused = self._idle.pop(), True
+                except IndexError:  # none idle (another thread may have just taken the last)
+                    sock, reused = self._connect(max(deadline - time.monotonic(), 0.001)), False
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.sendall(data)
+                length, kind = HEADER.unpack(self._receive(sock, HEADER.size, deadline))
+                payload = self._receive(sock, length, deadline)
+                break
+            except TimeoutError:
+                self._discard(sock)
+                raise StreamCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      f"no reply from {self.address} in {timeout} s") from None
+            except OSError as exc:
+                self._discard(sock)
+                if reused and time.monotonic() < deadline:
+                    # A kept connection the replica closed while it sat idle (a drain, a
+                    # restart): the call never ran, and running it twice would be harmless
+                    # anyway, so it goes again on a new connection.
+                    continue
+                raise StreamCallError(grpc.StatusCode.UNAVAILABLE, f"{self.address}: {exc}") from None
         if kind == CALL:
             self._idle.append(sock)
             try:
