@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reference import assert_greedy_equal, load_hf, mixed_prompts
 
 from cleave.common.stacks import format_stacks
-from cleave.common.wire import params_to_proto
+from cleave.common.wire import collect_prefill, params_to_proto
 from cleave.common.registry import Registry
 from cleave.decode.config import DecodeConfig
 from cleave.decode.service import DecodeServer
@@ -139,7 +139,7 @@ def greedy(max_tokens: int, **extra) -> common_pb2.SamplingParams:
 
 def generate(prefill, decode, request_id: str, prompt: list[int], params) -> tuple[list[int], prefill_pb2.PrefillResponse]:
     """What a router does: prefill, then decode from the blocks prefill stored."""
-    first = prefill.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, token_ids=prompt, params=params), timeout=120)
+    first = collect_prefill(prefill.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, token_ids=prompt, params=params), timeout=120))
     tokens = [first.first_token_id]
     if first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
         stream = decode.Decode(decode_pb2.DecodeRequest(
@@ -239,8 +239,8 @@ def test_decode_worker_killed_mid_stream_resumes_elsewhere(cluster, hf_model, vo
     prefill = cluster.prefill_stub(0)
     streams = {}
     for name, params in (("greedy", greedy(max_tokens)), ("sampled", params_to_proto(sampled))):
-        first = prefill.Prefill(prefill_pb2.PrefillRequest(request_id=f"failover-{name}", token_ids=prompt,
-                                                           params=params), timeout=60)
+        first = collect_prefill(prefill.Prefill(prefill_pb2.PrefillRequest(request_id=f"failover-{name}", token_ids=prompt,
+                                                           params=params), timeout=60))
         stream = victim.Decode(decode_pb2.DecodeRequest(
             request_id=f"failover-{name}", token_ids=prompt + [first.first_token_id],
             block_hashes=first.block_hashes, params=params, num_generated=1,
@@ -284,7 +284,7 @@ BAD_PREFILL = [
 @pytest.mark.parametrize("fields, message", BAD_PREFILL)
 def test_prefill_rejects_bad_input(cluster, fields, message):
     with pytest.raises(grpc.RpcError) as info:
-        cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(**fields), timeout=30)
+        collect_prefill(cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(**fields), timeout=30))
     assert info.value.code() == INVALID, info.value.details()
     assert message in info.value.details()
 
@@ -311,13 +311,94 @@ def test_decode_rejects_bad_input(cluster, fields, message):
 
 def test_first_token_may_finish_the_request(cluster, vocab_size):
     prompt = mixed_prompts(vocab_size, 1, seed=51, min_len=20, max_len=20)[0]
-    first = cluster.prefill_stub(0).Prefill(
+    # One message: the blocks are put before it, as nothing will decode after it.
+    (first,) = cluster.prefill_stub(0).Prefill(
         prefill_pb2.PrefillRequest(request_id="one", token_ids=prompt, params=greedy(1)), timeout=30)
     assert first.finish_reason == common_pb2.FINISH_REASON_LENGTH
-    stop = cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(
-        request_id="stop", token_ids=prompt, params=greedy(5, stop_token_ids=[first.first_token_id])), timeout=30)
+    assert len(first.block_hashes) == len(prompt) // ENGINE["block_size"] > 0
+    stop = collect_prefill(cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(
+        request_id="stop", token_ids=prompt, params=greedy(5, stop_token_ids=[first.first_token_id])), timeout=30))
     assert stop.first_token_id == first.first_token_id
     assert stop.finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+def test_first_token_is_sent_before_the_blocks_are_put(cluster, vocab_size):
+    """The put is held until the first message has arrived: were the first token sent
+    after the put, the first read would wait out its deadline."""
+    prompt = mixed_prompts(vocab_size, 1, seed=52, min_len=40, max_len=40)[0]
+    handoff = cluster.prefill[0].handoff
+    put_missing = handoff.put_missing
+    release = asyncio.Event()
+
+    async def held(*args, **kwargs):
+        await release.wait()
+        return await put_missing(*args, **kwargs)
+
+    handoff.put_missing = held
+    port = cluster.prefill[0].metrics_port
+    put_before = metric(port, "cleave_prefill_kv_blocks_total", direction="put")
+    try:
+        stream = cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(
+            request_id="first-before-put", token_ids=prompt, params=greedy(4)), timeout=30)
+        first = next(stream)
+        assert list(first.block_hashes) == [] and first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED
+        assert metric(port, "cleave_prefill_kv_blocks_total", direction="put") == put_before
+        cluster.loop.call_soon_threadsafe(release.set)
+        stored = next(stream)
+        assert len(stored.block_hashes) == len(prompt) // ENGINE["block_size"]
+        assert stored.first_token_id == 0 and stored.request_id == "first-before-put"
+        assert next(stream, None) is None
+        assert metric(port, "cleave_prefill_kv_blocks_total", direction="put") == put_before + len(stored.block_hashes)
+    finally:
+        del handoff.put_missing
+        cluster.loop.call_soon_threadsafe(release.set)
+    tokens, _ = generate(cluster.prefill_stub(1), cluster.decode_stub(0), "first-before-put-2", prompt, greedy(4))
+    assert tokens[0] == first.first_token_id
+
+
+def test_router_decodes_without_the_blocks_when_the_prefill_stream_breaks_after_the_first_token(
+        cluster, hf_model, vocab_size):
+    """Every prefill worker's put fails after the first token is out: the stream ends in
+    an error, and the router's decode worker computes the prompt itself, exactly."""
+    from redis import asyncio as aioredis
+
+    from cleave.router.plugins import parse_pipeline
+    from cleave.router.remote_engine import RemoteEngineClient
+    from cleave.router.workers import WorkerPool
+
+    prompt = mixed_prompts(vocab_size, 1, seed=53, min_len=40, max_len=40)[0]
+    max_tokens = 6
+
+    async def lost(*args, **kwargs):
+        raise RuntimeError("the put was lost")
+
+    async def route():
+        client = aioredis.from_url(cluster.redis_url)
+        engine = RemoteEngineClient(WorkerPool(client, cluster.model_dir), parse_pipeline("least-loaded"),
+                                    parse_pipeline("least-loaded"))
+        await engine.start()
+        try:
+            outputs = [out async for out in engine.generate(
+                "broken-put", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))]
+        finally:
+            await engine.shutdown()
+            await client.aclose()
+        return outputs
+
+    for server in cluster.prefill:
+        server.handoff.put_missing = lost
+    fetched_before = sum(metric(d.metrics_port, "cleave_decode_kv_blocks_total", direction="fetched")
+                         for d in cluster.decode[:2])
+    try:
+        outputs = cluster.call(route())
+    finally:
+        for server in cluster.prefill:
+            del server.handoff.put_missing
+    tokens = [token for out in outputs for token in out.new_token_ids]
+    assert len(tokens) == max_tokens and outputs[-1].finish_reason == "length"
+    assert_greedy_equal(hf_model, [prompt], [tokens], max_tokens)
+    fetched = sum(metric(d.metrics_port, "cleave_decode_kv_blocks_total", direction="fetched") for d in cluster.decode[:2])
+    assert fetched == fetched_before  # nothing named, nothing stored: decode computed the prompt
 
 
 # -- the service shell ------------------------------------------------------------------------
@@ -351,8 +432,8 @@ def test_entry_point_help(role):
 
 def test_client_cancel_aborts_the_engine_request(cluster, vocab_size):
     prompt = mixed_prompts(vocab_size, 1, seed=61, min_len=30, max_len=30)[0]
-    first = cluster.prefill_stub(0).Prefill(
-        prefill_pb2.PrefillRequest(request_id="cancel", token_ids=prompt, params=greedy(400)), timeout=30)
+    first = collect_prefill(cluster.prefill_stub(0).Prefill(
+        prefill_pb2.PrefillRequest(request_id="cancel", token_ids=prompt, params=greedy(400)), timeout=30))
     stream = cluster.decode_stub(0).Decode(decode_pb2.DecodeRequest(
         request_id="cancel", token_ids=prompt + [first.first_token_id], block_hashes=first.block_hashes,
         params=greedy(400), num_generated=1), timeout=60)
@@ -397,8 +478,8 @@ def test_unreachable_store_costs_reuse_not_the_request(cluster, vocab_size):
     dead = common_pb2.InstanceInfo(role="kvstore", instance_id="gone", address="127.0.0.1:1")
     port = cluster.prefill[0].metrics_port
     errors_before = metric(port, "cleave_prefill_kv_errors_total")
-    first = cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(
-        request_id="dead-store", token_ids=prompt, params=greedy(4), kvstore_targets=[dead]), timeout=30)
+    first = collect_prefill(cluster.prefill_stub(0).Prefill(prefill_pb2.PrefillRequest(
+        request_id="dead-store", token_ids=prompt, params=greedy(4), kvstore_targets=[dead]), timeout=30))
     assert list(first.block_hashes) == []
     assert metric(port, "cleave_prefill_kv_errors_total") > errors_before
     tokens, _ = generate(cluster.prefill_stub(1), cluster.decode_stub(0), "live-store", prompt, greedy(4))

@@ -25,6 +25,7 @@ from reference import assert_greedy_equal, load_hf, mixed_prompts
 from test_expert import ThreadReplica
 from test_prefill_decode import generate, greedy, metric
 
+from cleave.common.wire import collect_prefill
 from cleave.common.registry import Registry
 from cleave.decode.config import DecodeConfig
 from cleave.decode.service import DecodeServer
@@ -207,16 +208,16 @@ def test_lost_experts_fail_fast_then_a_replacement_takes_over(cluster, hf_model,
     prompts = mixed_prompts(hf_model.config.vocab_size, 3, seed=82, min_len=20, max_len=50)
     prefill, decode = cluster.stubs()
     # Prefilled while every expert is served; decoded after the experts are lost.
-    first = prefill.Prefill(prefill_pb2.PrefillRequest(
-        request_id="lost-0", token_ids=prompts[0], params=greedy(MAX_TOKENS)), timeout=60)
+    first = collect_prefill(prefill.Prefill(prefill_pb2.PrefillRequest(
+        request_id="lost-0", token_ids=prompts[0], params=greedy(MAX_TOKENS)), timeout=60))
     lost = cluster.replicas[0]
     crash(lost)
 
     # expert_timeout_seconds is 5: a request that hung on the lost replica would end
     # in DEADLINE_EXCEEDED at the 60 s deadline, not UNAVAILABLE.
     with pytest.raises(grpc.RpcError) as info:
-        prefill.Prefill(prefill_pb2.PrefillRequest(
-            request_id="lost-1", token_ids=prompts[1], params=greedy(MAX_TOKENS)), timeout=60)
+        collect_prefill(prefill.Prefill(prefill_pb2.PrefillRequest(
+            request_id="lost-1", token_ids=prompts[1], params=greedy(MAX_TOKENS)), timeout=60))
     assert info.value.code() == UNAVAILABLE, info.value.details()
     missing = MISSING.search(info.value.details())
     assert missing and parse_canonical(missing.group(1)) <= lost.server.experts.pairs, info.value.details()

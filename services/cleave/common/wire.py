@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from cleave.engine.sampling_params import SamplingParams
 from cleave.protogen.cleave.v1 import common_pb2
@@ -50,3 +51,19 @@ def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 # worker's own: ``experts`` means the shared expert pool, which every worker uses, so
 # the router answers 503 at once instead of trying another worker.
 FAILURE_CAUSE_KEY = "x-cleave-failure-cause"
+
+
+def collect_prefill(responses: Iterable) -> "prefill_pb2.PrefillResponse":
+    """A whole ``Prefill`` stream as one ``PrefillResponse``, for callers that want the
+    first token and the stored blocks together: the first message's fields with the
+    last one's ``block_hashes``."""
+    from cleave.protogen.cleave.v1 import prefill_pb2
+
+    messages = list(responses)
+    if not messages:
+        raise ValueError("the Prefill stream ended without a message")
+    merged = prefill_pb2.PrefillResponse()
+    merged.CopyFrom(messages[0])
+    if len(messages) > 1:
+        merged.block_hashes[:] = messages[-1].block_hashes
+    return merged

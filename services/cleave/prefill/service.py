@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import AsyncIterator
 
 import grpc
 
@@ -26,7 +27,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         self.server = server
         self.num_queued_prompt_tokens = 0
 
-    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+    async def Prefill(self, request: pb.PrefillRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PrefillResponse]:
         server = self.server
         metrics = server.metrics
         engine = server.engine.engine
@@ -66,29 +68,36 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             metrics.requests.labels(outcome="error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, f"request {request.request_id} ended without a token")
 
+        # Copied out now, while the finished request's blocks are surely still cached.
         exported = await server.engine.export_blocks(hashes)
+        first = pb.PrefillResponse(
+            request_id=request.request_id,
+            first_token_id=output.new_token_ids[0],
+            num_cached_tokens=output.num_cached_tokens,
+            finish_reason=self._finish_reason(output.finish_reason, params, len(prompt) + 1, server.engine.max_model_len),
+        )
+        if output.new_logprobs:
+            first.logprob = output.new_logprobs[0]
+        if first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+            # Decoding goes on: the caller has its first token while the blocks go to the store.
+            yield first
         # No cached prefix: the engine and the stores it asked held none of these blocks.
         stored, put = await server.handoff.put_missing(exported, stores, ask_first=output.num_cached_tokens > 0)
         metrics.count_transfer("put", put)
         if len(stored) < len(hashes) and stores:
             log.warning("prompt blocks not all stored", extra={
                 "request_id": request.request_id, "num_blocks": len(hashes), "num_stored": len(stored)})
-
-        response = pb.PrefillResponse(
-            request_id=request.request_id,
-            first_token_id=output.new_token_ids[0],
-            block_hashes=stored,
-            num_cached_tokens=output.num_cached_tokens,
-            finish_reason=self._finish_reason(output.finish_reason, params, len(prompt) + 1, server.engine.max_model_len),
-        )
-        if output.new_logprobs:
-            response.logprob = output.new_logprobs[0]
+        # Counted before the last message: a caller may hang up as soon as it has it.
         metrics.requests.labels(outcome="ok").inc()
         metrics.prompt_tokens.inc(len(prompt))
         metrics.cached_tokens.inc(output.num_cached_tokens)
         metrics.generated_tokens.inc(1)
         metrics.request_seconds.observe(time.perf_counter() - started)
-        return response
+        if first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+            yield pb.PrefillResponse(request_id=request.request_id, block_hashes=stored)
+        else:
+            first.block_hashes.extend(stored)
+            yield first
 
     @staticmethod
     def _finish_reason(reason: str | None, params, num_tokens: int, max_model_len: int) -> int:

@@ -111,6 +111,9 @@ class RemoteEngineClient:
         return chosen
 
     async def _prefill(self, request_id: str, token_ids: list[int], params: SamplingParams):
+        """The prefill worker, the stream's first message (the first token) and the call,
+        still open for its second (the stored blocks): read it with :meth:`_stored_blocks`,
+        then end it with :meth:`_end_prefill`."""
         ctx = RoutingContext("prefill", request_id, token_ids, lookup_stored=self.pool.lookup_stored)
         request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=token_ids, params=params_to_proto(params))
         failures: list[str] = []
@@ -118,22 +121,54 @@ class RemoteEngineClient:
             worker = await self._choose(self.prefill_pipeline, ctx, failures)
             stub = prefill_pb2_grpc.PrefillStub(self.pool.channel(worker.record.address))
             self.pool.acquire(worker.instance_id, len(token_ids))
+            call = stub.Prefill(request, timeout=self.config.prefill_timeout)
+            self._calls[request_id] = call
             try:
-                call = stub.Prefill(request, timeout=self.config.prefill_timeout)
-                self._calls[request_id] = call
-                return worker, await call
+                first = await call.read()
+                if first is grpc.aio.EOF:
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                               details="the prefill stream ended without a token")
+                return worker, first, call
             except grpc.RpcError as exc:
+                self._end_prefill(request_id, worker, call, len(token_ids))
                 if exc.code() in CALLER_ERRORS:
                     raise ValueError(exc.details()) from None
                 if shared_cause(exc):
                     raise ServiceUnavailableError(exc.details()) from None
                 failures.append(self._set_aside(worker, "prefill", exc))
                 ctx.exclude = ctx.exclude | {worker.instance_id}
-            finally:
-                self._calls.pop(request_id, None)
-                self._aborted.pop(request_id, None)
-                self.pool.release(worker.instance_id, len(token_ids))
+            except BaseException:
+                self._end_prefill(request_id, worker, call, len(token_ids))
+                raise
         raise ServiceUnavailableError(f"prefill failed on {len(failures)} workers: " + "; ".join(failures))
+
+    async def _stored_blocks(self, request_id: str, worker: Candidate, call) -> list[int] | None:
+        """The prefill stream's second message: the hashes of the prompt's blocks now in
+        the store; None when the request was aborted meanwhile. A stream that breaks here
+        gives none, and decode computes what it cannot fetch: the first token is out."""
+        try:
+            message = await call.read()
+        except asyncio.CancelledError:
+            if self._aborted.pop(request_id, None) is None:
+                raise
+            return None
+        except grpc.RpcError as exc:
+            log.warning("prefill stream broke after the first token; decoding without its stored blocks",
+                        extra={"request_id": request_id, "instance_id": worker.instance_id,
+                               "error": f"{exc.code().name}: {exc.details()}"})
+            return []
+        if message is grpc.aio.EOF:
+            log.warning("prefill stream ended after the first token; decoding without its stored blocks",
+                        extra={"request_id": request_id, "instance_id": worker.instance_id})
+            return []
+        return list(message.block_hashes)
+
+    def _end_prefill(self, request_id: str, worker: Candidate, call, num_tokens: int) -> None:
+        if self._calls.get(request_id) is call:
+            del self._calls[request_id]
+        self._aborted.pop(request_id, None)
+        call.cancel()  # a no-op once the stream has ended
+        self.pool.release(worker.instance_id, num_tokens)
 
     def _set_aside(self, worker: Candidate, role: str, exc: grpc.RpcError) -> str:
         message = f"{worker.instance_id}: {exc.code().name}: {exc.details()}"
@@ -150,30 +185,39 @@ class RemoteEngineClient:
     ) -> AsyncGenerator[RequestOutput, None]:
         prompt = list(prompt_token_ids)
         prefill_started = time.perf_counter()
-        prefill_worker, first = await self._prefill(request_id, prompt, params)
-        self.events.prefill_done(request_id, prefill_worker.instance_id, first.num_cached_tokens,
-                                 time.perf_counter() - prefill_started)
-        served_by = {"prefill": prefill_worker.instance_id}
-        generated = [first.first_token_id]
-        logprobs = [first.logprob] if params.logprobs else []
-        finish = FINISH_REASONS.get(first.finish_reason)
-        if finish is not None:
-            yield RequestOutput(request_id, generated, logprobs, True, finish, len(prompt), 1,
-                                first.num_cached_tokens, served_by)
-            return
+        prefill_worker, first, prefill_call = await self._prefill(request_id, prompt, params)
+        try:
+            self.events.prefill_done(request_id, prefill_worker.instance_id, first.num_cached_tokens,
+                                     time.perf_counter() - prefill_started)
+            served_by = {"prefill": prefill_worker.instance_id}
+            generated = [first.first_token_id]
+            logprobs = [first.logprob] if params.logprobs else []
+            finish = FINISH_REASONS.get(first.finish_reason)
+            if finish is not None:
+                yield RequestOutput(request_id, generated, logprobs, True, finish, len(prompt), 1,
+                                    first.num_cached_tokens, served_by)
+                return
 
-        ctx = RoutingContext("decode", request_id, prompt + generated, lookup_stored=self.pool.lookup_stored,
-                             root_hash=str(prefill_worker.record.capabilities.get("root_hash")))
-        decode_worker = await self._choose(self.decode_pipeline, ctx)
-        served_by["decode"] = decode_worker.instance_id
-        yield RequestOutput(request_id, list(generated), logprobs, False, None, len(prompt), 1,
-                            first.num_cached_tokens, dict(served_by))
+            ctx = RoutingContext("decode", request_id, prompt + generated, lookup_stored=self.pool.lookup_stored,
+                                 root_hash=str(prefill_worker.record.capabilities.get("root_hash")))
+            decode_worker = await self._choose(self.decode_pipeline, ctx)
+            served_by["decode"] = decode_worker.instance_id
+            # The first token goes out while the prefill worker puts the prompt's blocks.
+            yield RequestOutput(request_id, list(generated), logprobs, False, None, len(prompt), 1,
+                                first.num_cached_tokens, dict(served_by))
+            block_hashes = await self._stored_blocks(request_id, prefill_worker, prefill_call)
+            if block_hashes is None:
+                yield RequestOutput(request_id, [], [], True, "abort", len(prompt), len(generated),
+                                    first.num_cached_tokens)
+                return
+        finally:
+            self._end_prefill(request_id, prefill_worker, prefill_call, len(prompt))
 
         failures: list[str] = []
         resumed = False
         while True:
             request = decode_pb2.DecodeRequest(
-                request_id=request_id, token_ids=prompt + generated, block_hashes=first.block_hashes,
+                request_id=request_id, token_ids=prompt + generated, block_hashes=block_hashes,
                 params=params_to_proto(params), num_generated=len(generated),
             )
             worker = decode_worker
