@@ -40,16 +40,12 @@ def process_cpu(pid: int) -> float:
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the replica exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("the replica did not start listening")
+    from cleave.launcher import port_in_use, wait_until
+
+    if not wait_until(lambda: proc.poll() is not None or port_in_use("127.0.0.1", port), timeout, 0.05):
+        raise SystemExit("the replica did not start listening")
+    if proc.poll() is not None:
+        raise SystemExit(f"the replica exited with {proc.returncode}")
 
 
 def measure(backend, layer: int, hidden, ids, weights, calls: int, replica_pid: int) -> dict[str, float]:

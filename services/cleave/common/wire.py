@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 
 from cleave.engine.sampling_params import SamplingParams
-from cleave.protogen.cleave.v1 import common_pb2
+from cleave.protogen.cleave.v1 import common_pb2, prefill_pb2
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -53,12 +53,10 @@ def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 FAILURE_CAUSE_KEY = "x-cleave-failure-cause"
 
 
-def collect_prefill(responses: Iterable) -> "prefill_pb2.PrefillResponse":
+def collect_prefill(responses: Iterable[prefill_pb2.PrefillResponse]) -> prefill_pb2.PrefillResponse:
     """A whole ``Prefill`` stream as one ``PrefillResponse``, for callers that want the
     first token and the stored blocks together: the first message's fields with the
     last one's ``block_hashes``."""
-    from cleave.protogen.cleave.v1 import prefill_pb2
-
     messages = list(responses)
     if not messages:
         raise ValueError("the Prefill stream ended without a message")

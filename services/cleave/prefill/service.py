@@ -78,8 +78,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         )
         if output.new_logprobs:
             first.logprob = output.new_logprobs[0]
-        if first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
-            # Decoding goes on: the caller has its first token while the blocks go to the store.
+        decoding_goes_on = first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED
+        if decoding_goes_on:  # the caller has its first token while the blocks go to the store
             yield first
         # No cached prefix: the engine and the stores it asked held none of these blocks.
         stored, put = await server.handoff.put_missing(exported, stores, ask_first=output.num_cached_tokens > 0)
@@ -93,7 +93,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         metrics.cached_tokens.inc(output.num_cached_tokens)
         metrics.generated_tokens.inc(1)
         metrics.request_seconds.observe(time.perf_counter() - started)
-        if first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+        if decoding_goes_on:
             yield pb.PrefillResponse(request_id=request.request_id, block_hashes=stored)
         else:
             first.block_hashes.extend(stored)

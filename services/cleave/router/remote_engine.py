@@ -129,17 +129,16 @@ class RemoteEngineClient:
                     raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                                details="the prefill stream ended without a token")
                 return worker, first, call
-            except grpc.RpcError as exc:
+            except BaseException as exc:
                 self._end_prefill(request_id, worker, call, len(token_ids))
+                if not isinstance(exc, grpc.RpcError):
+                    raise
                 if exc.code() in CALLER_ERRORS:
                     raise ValueError(exc.details()) from None
                 if shared_cause(exc):
                     raise ServiceUnavailableError(exc.details()) from None
                 failures.append(self._set_aside(worker, "prefill", exc))
                 ctx.exclude = ctx.exclude | {worker.instance_id}
-            except BaseException:
-                self._end_prefill(request_id, worker, call, len(token_ids))
-                raise
         raise ServiceUnavailableError(f"prefill failed on {len(failures)} workers: " + "; ".join(failures))
 
     async def _stored_blocks(self, request_id: str, worker: Candidate, call) -> list[int] | None:
