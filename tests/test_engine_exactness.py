@@ -100,3 +100,37 @@ def test_smollm2_prefix_chunked_preempted(smollm2_dir):
     stats = engine.stats()
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
     assert_greedy_equal(hf, prompts, outputs, 12)
+
+
+def test_async_engine_hands_a_lagging_consumer_what_piled_up_in_one_output(tiny):
+    """A consumer slower than the steps gets the tokens it missed in one output (one SSE
+    chunk, one gRPC message), nothing lost and nothing reordered."""
+    import asyncio
+    import time
+
+    from cleave.engine.async_engine import AsyncLLMEngine
+
+    path, hf = tiny
+    prompt = mixed_prompts(hf.config.vocab_size, 1, seed=5)[0]
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=True)
+    engine = AsyncLLMEngine(engine=make_engine(path))
+
+    async def lagging():
+        stream = engine.generate("lagging", prompt, params)
+        first = await anext(stream)
+        deadline = time.monotonic() + 60
+        while engine.engine.has_unfinished():  # every other step's output is queued, unread
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        return first, [out async for out in stream]
+
+    engine.start()
+    try:
+        first, rest = asyncio.run(lagging())
+    finally:
+        engine.shutdown()
+    assert not first.finished and len(first.new_logprobs) == len(first.new_token_ids)
+    assert len(rest) == 1 and rest[0].finished and rest[0].finish_reason == "length"
+    assert rest[0].num_output_tokens == MAX_NEW
+    assert len(rest[0].new_token_ids) == len(rest[0].new_logprobs) == MAX_NEW - len(first.new_token_ids)
+    assert_greedy_equal(hf, [prompt], [first.new_token_ids + rest[0].new_token_ids], MAX_NEW)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -484,3 +485,178 @@ def test_unreachable_store_costs_reuse_not_the_request(cluster, vocab_size):
     assert metric(port, "cleave_prefill_kv_errors_total") > errors_before
     tokens, _ = generate(cluster.prefill_stub(1), cluster.decode_stub(0), "live-store", prompt, greedy(4))
     assert tokens[0] == first.first_token_id
+
+
+# -- sessions: many requests on one call ------------------------------------------------------
+
+
+class SessionCall:
+    """A ``Session`` call as a router holds it: starts and cancels go in as they come
+    (the request stream stays open until :meth:`close`), batches come out."""
+
+    def __init__(self, stub: decode_pb2_grpc.DecodeStub) -> None:
+        self.outgoing: queue.Queue = queue.Queue()
+        self.batches = stub.Session(iter(self.outgoing.get, None), timeout=120)
+
+    def start(self, request: decode_pb2.DecodeRequest) -> None:
+        self.outgoing.put(decode_pb2.SessionRequest(start=request))
+
+    def cancel(self, request_id: str) -> None:
+        self.outgoing.put(decode_pb2.SessionRequest(cancel=request_id))
+
+    def close(self) -> None:
+        self.outgoing.put(None)  # no more requests: the worker ends the call once these are done
+
+
+def prefilled(cluster, request_id: str, prompt: list[int], params) -> decode_pb2.DecodeRequest:
+    first = collect_prefill(cluster.prefill_stub(0).Prefill(
+        prefill_pb2.PrefillRequest(request_id=request_id, token_ids=prompt, params=params), timeout=60))
+    return decode_pb2.DecodeRequest(request_id=request_id, token_ids=prompt + [first.first_token_id],
+                                    block_hashes=first.block_hashes, params=params, num_generated=1)
+
+
+def test_session_serves_many_requests_exactly_in_shared_batches(cluster, hf_model, vocab_size):
+    prompts = mixed_prompts(vocab_size, 4, seed=73, min_len=20, max_len=45)
+    max_tokens = 12
+    requests = [prefilled(cluster, f"session-{i}", prompt, greedy(max_tokens)) for i, prompt in enumerate(prompts)]
+    tokens = {r.request_id: list(r.token_ids[-1:]) for r in requests}
+    finish = {}
+    session = SessionCall(cluster.decode_stub(0))
+    for request in requests:
+        session.start(request)
+    # One bad request among them fails alone.
+    session.start(decode_pb2.DecodeRequest(request_id="session-bad", token_ids=[1, 2], num_generated=0))
+    session.close()
+    batches = list(session.batches)  # ends, OK, once every request is done
+    for batch in batches:
+        for item in batch.items:
+            tokens[item.request_id].extend(item.token_ids)
+            if item.finish_reason:
+                finish[item.request_id] = item.finish_reason
+    errors = [error for batch in batches for error in batch.errors]
+    assert [(e.request_id, e.code) for e in errors] == [("session-bad", grpc.StatusCode.INVALID_ARGUMENT.value[0])]
+    assert "num_generated" in errors[0].message
+    assert finish == {r.request_id: common_pb2.FINISH_REASON_LENGTH for r in requests}
+    assert "session-bad" not in tokens
+    assert_greedy_equal(hf_model, prompts, [tokens[r.request_id] for r in requests], max_tokens)
+    # The point of a session: a step's tokens for several requests travel in one message.
+    assert any(len({item.request_id for item in batch.items}) > 1 for batch in batches)
+
+
+def test_session_cancel_aborts_one_request_and_keeps_the_others(cluster, vocab_size):
+    prompts = mixed_prompts(vocab_size, 2, seed=79, min_len=30, max_len=30)
+    long = prefilled(cluster, "session-long", prompts[0], greedy(400))
+    short = prefilled(cluster, "session-short", prompts[1], greedy(40))
+    cancelled_before = metric(cluster.decode[1].metrics_port, "cleave_decode_requests_total", outcome="cancelled")
+    session = SessionCall(cluster.decode_stub(1))
+    session.start(long)
+    session.start(short)
+    seen = {"session-long": 0, "session-short": 1}
+    finish = {}
+    cancelled = False
+    received = []
+    for batch in session.batches:
+        received.append(str(batch))
+        assert not batch.errors
+        for item in batch.items:
+            seen[item.request_id] += len(item.token_ids)
+            if item.finish_reason:
+                finish[item.request_id] = item.finish_reason
+        if not cancelled and seen["session-long"]:
+            session.cancel("session-long")
+            session.close()
+            cancelled = True
+    assert finish == {"session-short": common_pb2.FINISH_REASON_LENGTH} and seen["session-short"] == 40, (seen, received)
+    assert seen["session-long"] < 399
+    engine = cluster.decode[1].engine
+    deadline = time.monotonic() + 10
+    while engine.stats()["num_requests"] or engine.stats()["num_running"]:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.02)
+    assert metric(cluster.decode[1].metrics_port, "cleave_decode_requests_total",
+                  outcome="cancelled") == cancelled_before + 1
+
+
+def test_session_ends_when_its_worker_drains_once_its_requests_are_done(cluster, vocab_size):
+    config = DecodeConfig(model=cluster.model_dir, instance_id=f"decode-drained-{os.getpid()}", port=0,
+                          metrics_port=0, redis_url=cluster.redis_url, drain_grace_seconds=60, **ENGINE)
+    server = cluster.call(_make(DecodeServer, config))
+    cluster.call(server.start())
+    prompts = mixed_prompts(vocab_size, 2, seed=83, min_len=30, max_len=30)
+    running = prefilled(cluster, "drain-running", prompts[0], greedy(30))
+    late = prefilled(cluster, "drain-late", prompts[1], greedy(30))
+    with grpc.insecure_channel(server.address) as channel:
+        session = SessionCall(decode_pb2_grpc.DecodeStub(channel))
+        session.start(running)
+        batches = iter(session.batches)
+        first = next(batches)
+        assert first.items[0].request_id == "drain-running"
+        drained = asyncio.run_coroutine_threadsafe(server.drain(), cluster.loop)
+        deadline = time.monotonic() + 10
+        while not server.servicer.draining:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        session.start(late)  # the router has not heard yet: it is told to go elsewhere
+        tokens, errors, finish = 1 + len(first.items[0].token_ids), [], None
+        for batch in batches:  # the request still running finishes; then the call ends, OK
+            errors.extend(batch.errors)
+            for item in batch.items:
+                tokens += len(item.token_ids)
+                finish = item.finish_reason or finish
+        assert finish == common_pb2.FINISH_REASON_LENGTH and tokens == 30
+        assert [(e.request_id, e.code) for e in errors] == [("drain-late", grpc.StatusCode.UNAVAILABLE.value[0])]
+        # Well within the 60 s grace: the session did not hold the drain open.
+        drained.result(30)
+        session.close()
+
+
+def test_router_runs_concurrent_requests_on_sessions_and_aborts_one(cluster, hf_model, vocab_size):
+    from redis import asyncio as aioredis
+
+    from cleave.router.plugins import parse_pipeline
+    from cleave.router.remote_engine import RemoteEngineClient
+    from cleave.router.workers import WorkerPool
+
+    prompts = mixed_prompts(vocab_size, 4, seed=89, min_len=20, max_len=50)
+    max_tokens = 10
+
+    async def route():
+        client = aioredis.from_url(cluster.redis_url)
+        engine = RemoteEngineClient(WorkerPool(client, cluster.model_dir), parse_pipeline("least-loaded"),
+                                    parse_pipeline("least-loaded"))
+        await engine.start()
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+        async def run(i: int, prompt: list[int]):
+            return [out async for out in engine.generate(f"routed-{i}", prompt, params)]
+
+        async def aborted():
+            outputs = []
+            async for out in engine.generate("routed-aborted", prompts[0],
+                                             SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)):
+                outputs.append(out)
+                if len(outputs) == 3:
+                    await engine.abort("routed-aborted")
+            return outputs
+
+        try:
+            results = await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)), aborted())
+            sessions = engine.sessions.num_open
+        finally:
+            await engine.shutdown()
+            await client.aclose()
+        return results, sessions
+
+    results, sessions = cluster.call(route())
+    *routed, aborted = results
+    assert sessions >= 1
+    outputs = [[t for out in outs for t in out.new_token_ids] for outs in routed]
+    assert all(outs[-1].finish_reason == "length" for outs in routed)
+    assert_greedy_equal(hf_model, prompts, outputs, max_tokens)
+    assert aborted[-1].finished and aborted[-1].finish_reason == "abort"
+    assert sum(len(out.new_token_ids) for out in aborted) < 400
+    for server in cluster.decode[:2]:
+        deadline = time.monotonic() + 10
+        while server.engine.stats()["num_requests"]:
+            assert time.monotonic() < deadline, server.engine.stats()
+            time.sleep(0.02)

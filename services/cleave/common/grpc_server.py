@@ -137,6 +137,7 @@ class ServiceServer:
         self.address = advertised_address(host, self.port, advertise)
         self.registration: AsyncRegistration | None = None
         self._after_stop: list[Callable[[], Awaitable[None]]] = []
+        self._on_drain: list[Callable[[], None]] = []
         self._drain_task: asyncio.Task | None = None
         self.drain_overruns: list[str] = []  # the drain steps that did not finish in time
 
@@ -153,6 +154,11 @@ class ServiceServer:
         await self.registration.start()
         return self.registration
 
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` as the drain begins: a servicer whose calls outlive their
+        requests (a session) ends them once its requests are done."""
+        self._on_drain.append(callback)
+
     def after_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` once the server has stopped (all in-flight calls done)."""
         self._after_stop.append(callback)
@@ -167,6 +173,8 @@ class ServiceServer:
     async def _drain(self, grace: float) -> None:
         log.info("draining", extra={"address": self.address, "grace_s": grace})
         await self.health.enter_graceful_shutdown()
+        for callback in self._on_drain:
+            callback()
         if self.registration is not None:
             try:
                 await self._bounded("deregister", self.registration.stop(deregister=True), DRAIN_STEP_SECONDS)

@@ -321,13 +321,20 @@ async def abort_invalid(metrics: "WorkerMetrics", context: grpc.aio.ServicerCont
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
-async def abort_engine_error(context: grpc.aio.ServicerContext, exc: EngineDeadError | EngineStepError) -> None:
-    """UNAVAILABLE when the engine is gone or the expert pool failed a step (a later try
-    may succeed); INTERNAL for any other failed step."""
+def engine_error_status(exc: EngineDeadError | EngineStepError) -> tuple[grpc.StatusCode, str, str]:
+    """The status a failed engine request ends with, and the shared cause it blames:
+    UNAVAILABLE when the engine is gone or the expert pool failed a step (a later try may
+    succeed; the cause ``experts`` tells a router that every worker would fail alike);
+    INTERNAL for any other failed step."""
     if isinstance(exc, EngineStepError) and isinstance(exc.__cause__, ExpertBackendError):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=((FAILURE_CAUSE_KEY, "experts"),))
+        return grpc.StatusCode.UNAVAILABLE, str(exc), "experts"
     code = grpc.StatusCode.INTERNAL if isinstance(exc, EngineStepError) else grpc.StatusCode.UNAVAILABLE
-    await context.abort(code, str(exc))
+    return code, str(exc), ""
+
+
+async def abort_engine_error(context: grpc.aio.ServicerContext, exc: EngineDeadError | EngineStepError) -> None:
+    code, message, cause = engine_error_status(exc)
+    await context.abort(code, message, trailing_metadata=((FAILURE_CAUSE_KEY, cause),) if cause else ())
 
 
 # -- metrics -----------------------------------------------------------------------------
@@ -404,6 +411,10 @@ class WorkerServer:
     def add_servicer(self, server: grpc.aio.Server) -> None:
         raise NotImplementedError
 
+    def capabilities(self) -> dict[str, object]:
+        """What a subclass adds to the registry record's capabilities."""
+        return {}
+
     def load(self) -> dict[str, float]:
         """What the registry record reports as load; subclasses add their own keys."""
         stats = self.engine.stats()
@@ -434,7 +445,7 @@ class WorkerServer:
                 capabilities={
                     "model": config.model, "block_size": config.block_size, "root_hash": str(engine.root_hash),
                     "max_model_len": engine.max_model_len, "metrics_port": self.metrics_port,
-                    "expert_backend": config.expert_backend,
+                    "expert_backend": config.expert_backend, **self.capabilities(),
                 },
                 load=self.load(),
             )

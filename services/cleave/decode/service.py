@@ -1,16 +1,19 @@
 """The ``cleave.v1.Decode`` service: continue a request from its tokens so far and the
-KV blocks in the store, streaming what it generates."""
+KV blocks in the store, streaming what it generates; one request per ``Decode`` call,
+or many on one ``Session`` call (docs/prefill-decode.md, "Sessions")."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import grpc
 
-from cleave.common.kv_handoff import WorkerServer, abort_engine_error, abort_invalid, request_tokens
-from cleave.common.wire import FINISH_REASONS, params_from_proto
+from cleave.common.kv_handoff import WorkerServer, engine_error_status, request_tokens
+from cleave.common.wire import FAILURE_CAUSE_KEY, FINISH_REASONS, params_from_proto
 from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import decode_pb2 as pb
 from cleave.protogen.cleave.v1 import decode_pb2_grpc as pb_grpc
@@ -20,11 +23,127 @@ log = logging.getLogger("cleave.decode")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
 
 
+class RequestFailed(Exception):
+    """How one decode request failed: the status its ``Decode`` call ends with, or its
+    ``SessionError`` on a session."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.cause = cause
+
+    async def abort(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(self.code, self.message,
+                            trailing_metadata=((FAILURE_CAUSE_KEY, self.cause),) if self.cause else ())
+
+    def session_error(self, request_id: str) -> pb.SessionError:
+        return pb.SessionError(request_id=request_id, code=self.code.value[0], message=self.message,
+                               failure_cause=self.cause)
+
+
+# What a session's requests and its reader tell the session's writer, besides items and errors.
+_REQUEST_DONE = object()
+_REQUESTS_ENDED = object()  # the router half-closed: no more starts
+_DRAINING = object()
+
+
 class DecodeServicer(pb_grpc.DecodeServicer):
     def __init__(self, server: "DecodeServer") -> None:
         self.server = server
+        self.draining = False
+        self._sessions: set[asyncio.Queue] = set()
+
+    def begin_drain(self) -> None:
+        """No new requests on sessions; each session ends once its requests are done."""
+        self.draining = True
+        for outbox in self._sessions:
+            outbox.put_nowait(_DRAINING)
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+        try:
+            async with aclosing(self._decode(request)) as items:
+                async for item in items:
+                    yield item
+        except RequestFailed as exc:
+            await exc.abort(context)
+
+    async def Session(self, request_iterator, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
+        # Each request runs in a task of its own and puts what it has in one outbox; the
+        # handler sends whatever piled up while the previous batch was written, so the
+        # messages per step do not grow with the requests.
+        outbox: asyncio.Queue = asyncio.Queue()
+        running: dict[str, asyncio.Task] = {}
+        self._sessions.add(outbox)
+        if self.draining:
+            outbox.put_nowait(_DRAINING)
+
+        async def run(request: pb.DecodeRequest) -> None:
+            try:
+                async with aclosing(self._decode(request)) as items:
+                    async for item in items:
+                        outbox.put_nowait(item)
+            except RequestFailed as exc:
+                outbox.put_nowait(exc.session_error(request.request_id))
+            except Exception as exc:
+                log.exception("decode request on a session failed", extra={"request_id": request.request_id})
+                outbox.put_nowait(pb.SessionError(request_id=request.request_id, code=grpc.StatusCode.INTERNAL.value[0],
+                                                  message=f"{type(exc).__name__}: {exc}"))
+            finally:
+                if running.get(request.request_id) is asyncio.current_task():
+                    del running[request.request_id]
+                outbox.put_nowait(_REQUEST_DONE)
+
+        async def read_requests() -> None:
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "start":
+                    request_id = message.start.request_id
+                    if self.draining:
+                        outbox.put_nowait(pb.SessionError(request_id=request_id, code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                                          message="this decode worker is draining"))
+                    elif request_id in running:
+                        outbox.put_nowait(pb.SessionError(
+                            request_id=request_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                            message=f"request id {request_id!r} is already running on this session"))
+                    else:
+                        running[request_id] = asyncio.create_task(run(message.start), name=f"decode-{request_id}")
+                elif kind == "cancel":
+                    task = running.pop(message.cancel, None)
+                    if task is not None:
+                        task.cancel()
+            outbox.put_nowait(_REQUESTS_ENDED)
+
+        reader = asyncio.create_task(read_requests(), name="decode-session-reader")
+        no_more_requests = False
+        try:
+            while True:
+                entries = [await outbox.get()]
+                while not outbox.empty():
+                    entries.append(outbox.get_nowait())
+                batch = pb.SessionResponse()
+                for entry in entries:
+                    if isinstance(entry, pb.DecodeResponse):
+                        batch.items.append(entry)
+                    elif isinstance(entry, pb.SessionError):
+                        batch.errors.append(entry)
+                    elif entry is _DRAINING or entry is _REQUESTS_ENDED:
+                        no_more_requests = True
+                if batch.items or batch.errors:
+                    yield batch
+                # What a request put in while the batch was written goes out before the end.
+                if no_more_requests and not running and outbox.empty():
+                    return
+        finally:
+            self._sessions.discard(outbox)
+            tasks = [reader, *running.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _decode(self, request: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
+        """One request's items; raises :class:`RequestFailed`. Closing it early (the
+        caller went away) aborts the engine request and frees its blocks."""
         server = self.server
         metrics = server.metrics
         engine = server.engine.engine
@@ -45,7 +164,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 )
             stores = server.handoff.resolve(request.kvstore_targets)
         except ValueError as exc:
-            await abort_invalid(metrics, context, exc)
+            metrics.requests.labels(outcome="invalid").inc()
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
         # Named blocks are known to be stored; without names the index is asked for all.
         wanted = hashes[: len(given)] if given else hashes
@@ -74,13 +194,13 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             outcome = "ok"
         except ValueError as exc:
             outcome = "invalid"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except (EngineDeadError, EngineStepError) as exc:
             outcome = "error"
-            await abort_engine_error(context, exc)
+            raise RequestFailed(*engine_error_status(exc)) from None
         finally:
-            # A client that goes away cancels this handler; closing the stream aborts
-            # the engine request and frees its blocks.
+            # A client that goes away cancels the call; closing the stream aborts the
+            # engine request and frees its blocks.
             await stream.aclose()
             metrics.requests.labels(outcome=outcome).inc()
             metrics.request_seconds.observe(time.perf_counter() - started)
@@ -94,6 +214,10 @@ class DecodeServer(WorkerServer):
     def add_servicer(self, server: grpc.aio.Server) -> None:
         self.servicer = DecodeServicer(self)
         pb_grpc.add_DecodeServicer_to_server(self.servicer, server)
+        self.grpc.on_drain(self.servicer.begin_drain)
+
+    def capabilities(self) -> dict[str, object]:
+        return {"sessions": True}  # routers that know Session use it; older ones call Decode
 
     def load(self) -> dict[str, float]:
         return {**super().load(), "num_kv_blocks": self.engine.stats()["num_kv_blocks"]}

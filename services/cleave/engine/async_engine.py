@@ -87,11 +87,20 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._submit("add", (request_id, list(prompt_token_ids), params, num_output_tokens))
         finished = False
+        held: BaseException | None = None
         try:
             while True:
-                item = await queue.get()
+                item = held or await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer slower than the engine's steps gets what piled up as one
+                # output: one message, one SSE chunk, instead of one per token behind.
+                while not item.finished and not queue.empty():
+                    later = queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        held = later
+                        break
+                    item = merge_outputs(item, later)
                 finished = item.finished
                 yield item
                 if finished:
@@ -140,6 +149,17 @@ class AsyncLLMEngine:
             loop, queue = stream
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one wake-up rather than one per
+        request: at batches of tens, the per-call cost of waking a loop was most of it."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     @staticmethod
     def _run_call(fn, args, future: asyncio.Future) -> None:
         loop = future.get_loop()
@@ -182,14 +202,27 @@ class AsyncLLMEngine:
                     self._deliver(request_id, EngineStepError(exc))
                 continue
             self._stats = engine.stats()
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine shut down"))
         for kind, payload in self._pending:
             if kind == "call":
                 future = payload[2]
                 future.get_loop().call_soon_threadsafe(_settle, future, None, EngineDeadError("the engine shut down"))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two successive outputs of one request as one: the tokens of both, the state of the later."""
+    return RequestOutput(
+        earlier.request_id, earlier.new_token_ids + later.new_token_ids, earlier.new_logprobs + later.new_logprobs,
+        later.finished, later.finish_reason, later.num_prompt_tokens, later.num_output_tokens,
+        later.num_cached_tokens, {**earlier.served_by, **later.served_by},
+    )
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:

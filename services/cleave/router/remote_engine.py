@@ -2,8 +2,9 @@
 decode worker chosen per request, joined by the KV store (docs/prefill-decode.md).
 
 One request: route a prefill worker, ``Prefill`` (the prompt's KV goes to the store, the
-first token comes back), route a decode worker of the same block hashes, ``Decode`` and
-relay its stream. A worker that fails before answering is set aside and the call goes to
+first token comes back), route a decode worker of the same block hashes and relay its
+stream, which rides the router's one ``Session`` call to that worker
+(:mod:`cleave.router.decode_sessions`). A worker that fails before answering is set aside and the call goes to
 another; a decode worker that dies mid-stream is replaced by another that resumes from
 the stored blocks and every token already relayed, so the client sees one unbroken,
 identical stream. ``INVALID_ARGUMENT`` from a worker is the caller's fault and becomes a
@@ -26,6 +27,7 @@ from cleave.engine.sampling_params import SamplingParams
 from cleave.events.lifecycle import NO_EVENTS, RequestEvents
 from cleave.protogen.cleave.v1 import common_pb2
 from cleave.protogen.cleave.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from cleave.router.decode_sessions import DecodeSessions
 from cleave.router.plugins import Candidate, Pipeline, RoutingContext
 from cleave.router.workers import WorkerPool
 
@@ -69,7 +71,8 @@ class RemoteEngineClient:
         self.config = config or RemoteEngineConfig()
         self.metrics = metrics
         self.events = events or NO_EVENTS  # the front end emits through it too (events.lifecycle.events_of)
-        self._calls: dict[str, grpc.aio.Call] = {}
+        self.sessions = DecodeSessions(pool.channel)
+        self._calls: dict[str, grpc.aio.Call] = {}  # or a SessionStream: what abort() cancels
         self._aborted: dict[str, bool] = {}
         self._running = False
 
@@ -79,6 +82,7 @@ class RemoteEngineClient:
 
     async def shutdown(self) -> None:
         self._running = False
+        await self.sessions.close()
         await self.pool.close()
 
     @property
@@ -179,6 +183,15 @@ class RemoteEngineClient:
             self.metrics.worker_failures.labels(role).inc()
         return message
 
+    def _decode(self, worker: Candidate, request: decode_pb2.DecodeRequest):
+        """The request's decode stream: on the worker's session where it has them, else a
+        ``Decode`` call of its own. Either one reads items then EOF, and cancels."""
+        address = worker.record.address
+        if worker.record.capabilities.get("sessions"):
+            return self.sessions.start(address, request, self.config.decode_timeout)
+        stub = decode_pb2_grpc.DecodeStub(self.pool.channel(address))
+        return stub.Decode(request, timeout=self.config.decode_timeout)
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[RequestOutput, None]:
@@ -220,12 +233,11 @@ class RemoteEngineClient:
                 params=params_to_proto(params), num_generated=len(generated),
             )
             worker = decode_worker
-            stub = decode_pb2_grpc.DecodeStub(self.pool.channel(worker.record.address))
             self.pool.acquire(worker.instance_id)
-            call = stub.Decode(request, timeout=self.config.decode_timeout)
+            call = self._decode(worker, request)
             self._calls[request_id] = call
             try:
-                async for item in call:
+                while (item := await call.read()) is not grpc.aio.EOF:
                     generated.extend(item.token_ids)
                     finish = FINISH_REASONS.get(item.finish_reason)
                     yield RequestOutput(
