@@ -29,7 +29,7 @@ from cleave.engine.config import EngineConfig
 from cleave.engine.llm_engine import LLMEngine
 from cleave.expert.client import ExpertUnavailableError, RemoteExpertBackend, Replica
 from cleave.expert.config import ExpertConfig
-from cleave.expert.service import ExpertServer
+from cleave.expert.service import ExpertServer, inline_max_tokens
 from cleave.expert.spec import format_spec, parse_canonical, parse_spec
 from cleave.expert.stream import CALL, ERROR, HEADER, StreamCallError, StreamClient, StreamServer, frame
 from cleave.expert.weights import load_experts
@@ -48,12 +48,12 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 class ThreadReplica:
     """An :class:`ExpertServer` on its own event loop in a thread of this process."""
 
-    def __init__(self, model, experts: str, redis_url: str = "", instance_id: str = "") -> None:
+    def __init__(self, model, experts: str, redis_url: str = "", instance_id: str = "", **config) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         config = ExpertConfig(model=str(model), experts=experts, port=0, metrics_port=0, redis_url=redis_url,
-                              instance_id=instance_id or f"expert-test-{id(self)}", drain_grace_seconds=0)
+                              instance_id=instance_id or f"expert-test-{id(self)}", drain_grace_seconds=0, **config)
         self.server: ExpertServer | None = None
         try:
             self.server = ExpertServer(config)
@@ -140,6 +140,11 @@ def test_bad_spec(spec, message):
 def test_stream_port_out_of_range_is_refused(port):
     with pytest.raises(ValueError, match=r"stream_port must be in \[-1, 65535\]"):
         ExpertConfig(model="m", stream_port=port)
+
+
+def test_inline_max_tokens_below_minus_one_is_refused():
+    with pytest.raises(ValueError, match="inline_max_tokens must be >= 0, or -1"):
+        ExpertConfig(model="m", inline_max_tokens=-2)
 
 
 @pytest.mark.parametrize("name", MOE_FAMILIES)
@@ -432,9 +437,9 @@ def test_a_kept_connection_closed_while_idle_is_dialled_again(tiny_models):
 
 
 def test_stream_drain_finishes_the_call_in_flight_then_refuses(tiny_models, replicas):
-    replica = replicas(tiny_models["mixtral"], "all")
+    replica = replicas(tiny_models["mixtral"], "all", inline_max_tokens=64)
     stream = StreamClient(replica.server.stream_address)
-    hidden = torch.randn(600, 64)  # over INLINE_MAX_TOKENS: runs on a thread while the drain starts
+    hidden = torch.randn(600, 64)  # over inline_max_tokens: runs on a thread while the drain starts
     ids = torch.randint(0, 8, (600, 2))
     big = _request(hidden=hidden, ids=ids, weights=torch.full((600, 2), 0.5))
     assert len(stream.call(big, timeout=10).slot_indices) == 1200
@@ -452,6 +457,25 @@ def test_stream_drain_finishes_the_call_in_flight_then_refuses(tiny_models, repl
     stream.close()
 
 
+
+
+def test_calls_on_the_loop_and_on_a_worker_thread_answer_alike(tiny_models, replicas):
+    on_thread = replicas(tiny_models["mixtral"], "all", inline_max_tokens=0)
+    on_loop = replicas(tiny_models["mixtral"], "all", inline_max_tokens=10**6)
+    request = _request(hidden=torch.randn(200, 64), ids=torch.randint(0, 8, (200, 2)),
+                       weights=torch.full((200, 2), 0.5))
+    answers = []
+    for replica in (on_thread, on_loop):
+        stream = StreamClient(replica.server.stream_address)
+        answers.append(stream.call(request, timeout=10))
+        stream.close()
+    assert answers[0] == answers[1] and len(answers[0].slot_indices) == 400
+
+
+@pytest.mark.parametrize("configured, num_threads, expected", [(-1, 1, 256), (-1, 2, 64), (-1, 8, 64), (0, 1, 0),
+                                                               (300, 4, 300)])
+def test_inline_max_tokens_defaults_by_torch_threads(configured, num_threads, expected):
+    assert inline_max_tokens(configured, num_threads) == expected
 
 
 def test_unheld_slots_are_not_returned(tiny_models, replicas):

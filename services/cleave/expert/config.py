@@ -37,6 +37,11 @@ class ExpertConfig:
     redis_url: str = field(default=DEFAULT_REDIS_URL, metadata={"help": "Redis for the registry; empty: standalone"})
     instance_id: str = field(default="", metadata={"help": "registry id; default: expert-<hostname>-<pid>"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 leaves torch's default"})
+    inline_max_tokens: int = field(
+        default=-1,
+        metadata={"help": "calls of at most this many tokens run on the event loop, larger ones on a worker "
+                          "thread; -1: 256 with one torch thread, 64 with more (docs/expert.md)"},
+    )
     registry_ttl_seconds: float = field(default=5.0, metadata={"help": "registration expiry without heartbeats"})
     drain_grace_seconds: float = field(default=10.0, metadata={"help": "time in-flight calls get to finish on SIGTERM"})
 
@@ -53,6 +58,8 @@ class ExpertConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, not {self.num_threads}")
+        if self.inline_max_tokens < -1:
+            raise ValueError(f"inline_max_tokens must be >= 0, or -1 for the default, not {self.inline_max_tokens}")
         if self.registry_ttl_seconds < 0.5:
             raise ValueError(f"registry_ttl_seconds must be >= 0.5, not {self.registry_ttl_seconds}")
         if self.drain_grace_seconds < 0:

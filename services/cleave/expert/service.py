@@ -29,8 +29,23 @@ log = logging.getLogger("cleave.expert")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Expert"].full_name
 ROLE = "expert"
-# Calls with at most this many tokens run on the event loop itself (see RunExperts).
+# Calls of at most this many tokens run on the event loop itself (ExpertServicer.run):
+# with several torch threads, the larger ones go to a worker thread so that two can run at
+# once and health checks are answered meanwhile. With one torch thread a worker thread
+# buys no parallelism, only GIL hand-offs with the loop answering decode's small calls,
+# up to a prompt's few hundred tokens; the chunks of a burst (up to the prefill step's
+# 1024) still go to the thread, so decode's calls are answered while one computes
+# (docs/benchmarks.md, run I: 256 served more than 64 and than 1024).
 INLINE_MAX_TOKENS = 64
+ONE_THREAD_INLINE_MAX_TOKENS = 256
+
+
+def inline_max_tokens(configured: int, num_threads: int) -> int:
+    """The largest call run on the event loop: ``configured``, or for -1 the default for
+    ``num_threads`` torch threads."""
+    if configured >= 0:
+        return configured
+    return ONE_THREAD_INLINE_MAX_TOKENS if num_threads == 1 else INLINE_MAX_TOKENS
 
 
 def _check_request(request: pb.RunExpertsRequest,
@@ -92,9 +107,10 @@ def run_experts(experts: HeldExperts, layer: int, hidden: torch.Tensor, ids: tor
 
 
 class ExpertServicer(pb_grpc.ExpertServicer):
-    def __init__(self, experts: HeldExperts, metrics: ExpertMetrics) -> None:
+    def __init__(self, experts: HeldExperts, metrics: ExpertMetrics, inline_max_tokens: int = INLINE_MAX_TOKENS) -> None:
         self.experts = experts
         self.metrics = metrics
+        self.inline_max_tokens = inline_max_tokens
         # The registry record's load, published with each heartbeat (not per call: a
         # forward pass makes one call per MoE layer).
         self.load = {"num_in_flight": 0, "num_calls": 0, "num_tokens": 0}
@@ -118,7 +134,7 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             raise
         self.load["num_in_flight"] += 1
         try:
-            if hidden.shape[0] <= INLINE_MAX_TOKENS:
+            if hidden.shape[0] <= self.inline_max_tokens:
                 # A decode step's share takes well under a millisecond here; the hop to a
                 # worker thread and back (a self-pipe write to wake the loop) cost more.
                 rows, indices, ran = run_experts(self.experts, request.layer, hidden, ids, weights, held, flat)
@@ -199,7 +215,8 @@ class ExpertServer:
             config.host, config.port, [SERVICE_NAME], drain_grace=config.drain_grace_seconds,
             advertise=config.advertise_address,
         )
-        servicer = ExpertServicer(self.experts, self.metrics)
+        servicer = ExpertServicer(self.experts, self.metrics,
+                                  inline_max_tokens(config.inline_max_tokens, torch.get_num_threads()))
         pb_grpc.add_ExpertServicer_to_server(servicer, self.grpc.server)
         if config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
