@@ -3,6 +3,7 @@
     python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg] [--num-prompts 50]
                               [--input-len 128] [--output-len 32] [--locust-users 8] [--locust-time 30]
                               [--server-core 1] [--client-core 0] [--disagg-flags "..."]
+                              [--request-rates 20,30] [--rate-prompts 300]
 
 Needs vLLM's CPU build in .venv-vllm/ (``infra/scripts/vllm.sh install``). In one run, one
 server at a time (so no two servers share the cores): vLLM (``vllm serve``), then Cleave
@@ -17,7 +18,9 @@ server has core 1 and the client core 0.
 Every server is driven, after a short warm-up, by ``vllm bench serve`` (OpenAI
 ``/v1/completions``, streaming; random dataset, ``--input-len`` in / ``--output-len`` out,
 ``--num-prompts`` prompts, temperature 0, ``--ignore-eos``) at concurrency 1, then with all
-prompts at once (unbounded request rate, no concurrency cap); then by a headless run of
+prompts at once (unbounded request rate, no concurrency cap), then at each of
+``--request-rates`` (``--rate-prompts`` prompts arriving as a Poisson process at that
+rate: the same offered load for every server); then by a headless run of
 loadtest/locustfile.py (``--shape fixed`` at the same lengths, ``--locust-users`` users for
 ``--locust-time`` seconds). The figures: output tokens/s, mean/p99 TTFT and TPOT (Locust:
 inter-token latency, its percentiles rounded as Locust rounds them), and the ratios
@@ -64,6 +67,16 @@ METRICS = (  # result key, label, lower is better
 )
 LOADS = (("c=1", ["--max-concurrency", "1", "--request-rate", "inf"]),
          ("unbounded", ["--request-rate", "inf"]))
+
+
+def loads(args) -> list[tuple[str, list[str], int]]:
+    """Each `vllm bench serve` stage: its label, its load flags and its number of prompts.
+    ``--request-rates`` adds stages at a fixed offered load (Poisson arrivals): Locust's
+    users are a closed loop, so a server that serves more requests also queues more of
+    them, and latencies compare fairly only at the same offered load."""
+    rates = [r.strip() for r in args.request_rates.split(",") if r.strip()]
+    return ([(label, load, args.num_prompts) for label, load in LOADS]
+            + [(f"rate {r}/s", ["--request-rate", r], args.rate_prompts) for r in rates])
 LOCUST_METRICS = (  # the same keys, as Locust measures them
     ("output_throughput", "output tok/s", False),
     ("mean_ttft_ms", "TTFT mean ms", True),
@@ -238,9 +251,9 @@ def drive(side: str, base_url: str, name: str, model_dir: Path, args, result_dir
           errors: list[str]) -> dict[str, dict]:
     bench_serve(base_url, name, model_dir, args, ["--max-concurrency", "2"], 4, result_dir, f"{side}-warmup",
                 args.seed + 1000)
-    stages = [(label, lambda load=load, label=label: bench_serve(
-        base_url, name, model_dir, args, load, args.num_prompts, result_dir, f"{side}-{label}", args.seed))
-        for label, load in LOADS]
+    stages = [(label, lambda load=load, label=label, count=count: bench_serve(
+        base_url, name, model_dir, args, load, count, result_dir, f"{side}-{label.replace('/', '')}", args.seed))
+        for label, load, count in loads(args)]
     if args.locust_time > 0:
         stages.append(("locust", lambda: locust_run(base_url, name, args, result_dir, f"{side}-locust", vocab_size)))
     figures = {}
@@ -276,8 +289,9 @@ def print_table(args, sides: list[str], results: dict[str, dict[str, dict]], hea
           f"client on core {args.client_core}; {os.cpu_count()} cores")
     print("| load | metric | " + " | ".join(sides) + "".join(f" | {s}/vllm" for s in cleave_sides) + " |")
     print("| --- | --- |" + " ---: |" * (len(sides) + len(cleave_sides)))
-    loads = [(label, METRICS) for label, _ in LOADS] + ([("locust", LOCUST_METRICS)] if args.locust_time > 0 else [])
-    for label, metrics in loads:
+    stages = [(label, METRICS) for label, _, _ in loads(args)]
+    stages += [("locust", LOCUST_METRICS)] if args.locust_time > 0 else []
+    for label, metrics in stages:
         for key, metric, _ in metrics:
             values = {s: results.get(s, {}).get(label, {}).get(key) for s in sides}
             row = f"| {label} | {metric} | " + " | ".join(_cell(values[s]) for s in sides)
@@ -317,6 +331,9 @@ def main() -> None:
     parser.add_argument("--client-core", default="0", help="taskset core list of `vllm bench serve` and Locust")
     parser.add_argument("--locust-users", type=int, default=8, help="Locust users (each one request at a time)")
     parser.add_argument("--locust-time", type=int, default=30, help="seconds of Locust per server; 0 skips it")
+    parser.add_argument("--request-rates", default="",
+                        help="comma-separated requests/s: more `vllm bench serve` stages at that offered load")
+    parser.add_argument("--rate-prompts", type=int, default=300, help="prompts of each --request-rates stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-timeout", type=float, default=600, help="seconds for a server to come up")
     parser.add_argument("--client-timeout", type=float, default=900, help="seconds for one `vllm bench serve`")
