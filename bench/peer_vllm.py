@@ -67,6 +67,14 @@ METRICS = (  # result key, label, lower is better
 )
 LOADS = (("c=1", ["--max-concurrency", "1", "--request-rate", "inf"]),
          ("unbounded", ["--request-rate", "inf"]))
+LOCUST_METRICS = (  # the same keys, as Locust measures them
+    ("output_throughput", "output tok/s", False),
+    ("mean_ttft_ms", "TTFT mean ms", True),
+    ("p99_ttft_ms", "TTFT p99 ms", True),
+    ("mean_tpot_ms", "ITL mean ms", True),
+    ("p99_tpot_ms", "ITL p99 ms", True),
+    ("completed", "requests", False),
+)
 
 
 def loads(args) -> list[tuple[str, list[str], int]]:
@@ -77,14 +85,6 @@ def loads(args) -> list[tuple[str, list[str], int]]:
     rates = [r.strip() for r in args.request_rates.split(",") if r.strip()]
     return ([(label, load, args.num_prompts) for label, load in LOADS]
             + [(f"rate {r}/s", ["--request-rate", r], args.rate_prompts) for r in rates])
-LOCUST_METRICS = (  # the same keys, as Locust measures them
-    ("output_throughput", "output tok/s", False),
-    ("mean_ttft_ms", "TTFT mean ms", True),
-    ("p99_ttft_ms", "TTFT p99 ms", True),
-    ("mean_tpot_ms", "ITL mean ms", True),
-    ("p99_tpot_ms", "ITL p99 ms", True),
-    ("completed", "requests", False),
-)
 
 
 ROLES = ("router", "prefill", "decode", "expert", "kvstore", "serve")

@@ -321,20 +321,33 @@ async def abort_invalid(metrics: "WorkerMetrics", context: grpc.aio.ServicerCont
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
-def engine_error_status(exc: EngineDeadError | EngineStepError) -> tuple[grpc.StatusCode, str, str]:
-    """The status a failed engine request ends with, and the shared cause it blames:
-    UNAVAILABLE when the engine is gone or the expert pool failed a step (a later try may
-    succeed; the cause ``experts`` tells a router that every worker would fail alike);
-    INTERNAL for any other failed step."""
-    if isinstance(exc, EngineStepError) and isinstance(exc.__cause__, ExpertBackendError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc), "experts"
-    code = grpc.StatusCode.INTERNAL if isinstance(exc, EngineStepError) else grpc.StatusCode.UNAVAILABLE
-    return code, str(exc), ""
+class RequestFailed(Exception):
+    """How a worker's request failed: the status its call ends with and the shared
+    dependency it blames (``cause``, sent as trailing metadata), if any."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.cause = cause
+
+    @classmethod
+    def from_engine_error(cls, exc: EngineDeadError | EngineStepError) -> "RequestFailed":
+        """UNAVAILABLE when the engine is gone or the expert pool failed a step (a later
+        try may succeed; the cause ``experts`` tells a router that every worker would fail
+        alike); INTERNAL for any other failed step."""
+        if isinstance(exc, EngineStepError) and isinstance(exc.__cause__, ExpertBackendError):
+            return cls(grpc.StatusCode.UNAVAILABLE, str(exc), "experts")
+        code = grpc.StatusCode.INTERNAL if isinstance(exc, EngineStepError) else grpc.StatusCode.UNAVAILABLE
+        return cls(code, str(exc))
+
+    async def abort(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(self.code, self.message,
+                            trailing_metadata=((FAILURE_CAUSE_KEY, self.cause),) if self.cause else ())
 
 
 async def abort_engine_error(context: grpc.aio.ServicerContext, exc: EngineDeadError | EngineStepError) -> None:
-    code, message, cause = engine_error_status(exc)
-    await context.abort(code, message, trailing_metadata=((FAILURE_CAUSE_KEY, cause),) if cause else ())
+    await RequestFailed.from_engine_error(exc).abort(context)
 
 
 # -- metrics -----------------------------------------------------------------------------

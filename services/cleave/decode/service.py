@@ -12,8 +12,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from cleave.common.kv_handoff import WorkerServer, engine_error_status, request_tokens
-from cleave.common.wire import FAILURE_CAUSE_KEY, FINISH_REASONS, params_from_proto
+from cleave.common.kv_handoff import RequestFailed, WorkerServer, request_tokens
+from cleave.common.wire import FINISH_REASONS, params_from_proto
 from cleave.engine.async_engine import EngineDeadError, EngineStepError
 from cleave.protogen.cleave.v1 import decode_pb2 as pb
 from cleave.protogen.cleave.v1 import decode_pb2_grpc as pb_grpc
@@ -23,23 +23,10 @@ log = logging.getLogger("cleave.decode")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
 
 
-class RequestFailed(Exception):
-    """How one decode request failed: the status its ``Decode`` call ends with, or its
-    ``SessionError`` on a session."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, cause: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.cause = cause
-
-    async def abort(self, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(self.code, self.message,
-                            trailing_metadata=((FAILURE_CAUSE_KEY, self.cause),) if self.cause else ())
-
-    def session_error(self, request_id: str) -> pb.SessionError:
-        return pb.SessionError(request_id=request_id, code=self.code.value[0], message=self.message,
-                               failure_cause=self.cause)
+def session_error(request_id: str, failure: RequestFailed) -> pb.SessionError:
+    """How a request on a session ended: what its ``Decode`` call would have ended with."""
+    return pb.SessionError(request_id=request_id, code=failure.code.value[0], message=failure.message,
+                           failure_cause=failure.cause)
 
 
 # What a session's requests and its reader tell the session's writer, besides items and errors.
@@ -84,11 +71,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     async for item in items:
                         outbox.put_nowait(item)
             except RequestFailed as exc:
-                outbox.put_nowait(exc.session_error(request.request_id))
+                outbox.put_nowait(session_error(request.request_id, exc))
             except Exception as exc:
                 log.exception("decode request on a session failed", extra={"request_id": request.request_id})
-                outbox.put_nowait(pb.SessionError(request_id=request.request_id, code=grpc.StatusCode.INTERNAL.value[0],
-                                                  message=f"{type(exc).__name__}: {exc}"))
+                outbox.put_nowait(session_error(request.request_id, RequestFailed(
+                    grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
             finally:
                 if running.get(request.request_id) is asyncio.current_task():
                     del running[request.request_id]
@@ -100,12 +87,12 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 if kind == "start":
                     request_id = message.start.request_id
                     if self.draining:
-                        outbox.put_nowait(pb.SessionError(request_id=request_id, code=grpc.StatusCode.UNAVAILABLE.value[0],
-                                                          message="this decode worker is draining"))
+                        outbox.put_nowait(session_error(request_id, RequestFailed(
+                            grpc.StatusCode.UNAVAILABLE, "this decode worker is draining")))
                     elif request_id in running:
-                        outbox.put_nowait(pb.SessionError(
-                            request_id=request_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                            message=f"request id {request_id!r} is already running on this session"))
+                        outbox.put_nowait(session_error(request_id, RequestFailed(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request id {request_id!r} is already running on this session")))
                     else:
                         running[request_id] = asyncio.create_task(run(message.start), name=f"decode-{request_id}")
                 elif kind == "cancel":
@@ -197,7 +184,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except (EngineDeadError, EngineStepError) as exc:
             outcome = "error"
-            raise RequestFailed(*engine_error_status(exc)) from None
+            raise RequestFailed.from_engine_error(exc) from None
         finally:
             # A client that goes away cancels the call; closing the stream aborts the
             # engine request and frees its blocks.

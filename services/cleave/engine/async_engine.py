@@ -95,11 +95,15 @@ class AsyncLLMEngine:
                     raise item
                 # A consumer slower than the engine's steps gets what piled up as one
                 # output: one message, one SSE chunk, instead of one per token behind.
-                while not item.finished and not queue.empty():
-                    later = queue.get_nowait()
-                    if isinstance(later, BaseException):
-                        held = later
+                later: list[RequestOutput] = []
+                last = item
+                while not last.finished and not queue.empty():
+                    last = queue.get_nowait()
+                    if isinstance(last, BaseException):
+                        held = last
                         break
+                    later.append(last)
+                if later:
                     item = merge_outputs(item, later)
                 finished = item.finished
                 yield item
@@ -216,13 +220,16 @@ def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         queue.put_nowait(item)
 
 
-def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """Two successive outputs of one request as one: the tokens of both, the state of the later."""
-    return RequestOutput(
-        earlier.request_id, earlier.new_token_ids + later.new_token_ids, earlier.new_logprobs + later.new_logprobs,
-        later.finished, later.finish_reason, later.num_prompt_tokens, later.num_output_tokens,
-        later.num_cached_tokens, {**earlier.served_by, **later.served_by},
-    )
+def merge_outputs(first: RequestOutput, later: list[RequestOutput]) -> RequestOutput:
+    """Successive outputs of one request as one: the tokens of all, the state of the last."""
+    last = later[-1]
+    token_ids, logprobs, served_by = list(first.new_token_ids), list(first.new_logprobs), dict(first.served_by)
+    for out in later:
+        token_ids += out.new_token_ids
+        logprobs += out.new_logprobs
+        served_by.update(out.served_by)
+    return RequestOutput(first.request_id, token_ids, logprobs, last.finished, last.finish_reason,
+                         last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens, served_by)
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:

@@ -27,6 +27,7 @@ _CANCELLED = object()  # put in a request's inbox by SessionStream.cancel
 
 
 def rpc_error(code: grpc.StatusCode, details: str, cause: str = "") -> grpc.aio.AioRpcError:
+    """The error a gRPC call ending with ``code`` would raise, blaming ``cause`` if given."""
     trailing = grpc.aio.Metadata((FAILURE_CAUSE_KEY, cause)) if cause else grpc.aio.Metadata()
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=details)
 
@@ -106,10 +107,6 @@ class DecodeSession:
 
     def forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-
-    @property
-    def num_requests(self) -> int:
-        return len(self._streams)
 
     async def close(self) -> None:
         self._call.cancel()

@@ -27,7 +27,7 @@ from cleave.engine.sampling_params import SamplingParams
 from cleave.events.lifecycle import NO_EVENTS, RequestEvents
 from cleave.protogen.cleave.v1 import common_pb2
 from cleave.protogen.cleave.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from cleave.router.decode_sessions import DecodeSessions
+from cleave.router.decode_sessions import DecodeSessions, rpc_error
 from cleave.router.plugins import Candidate, Pipeline, RoutingContext
 from cleave.router.workers import WorkerPool
 
@@ -130,8 +130,7 @@ class RemoteEngineClient:
             try:
                 first = await call.read()
                 if first is grpc.aio.EOF:
-                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                               details="the prefill stream ended without a token")
+                    raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the prefill stream ended without a token")
                 return worker, first, call
             except BaseException as exc:
                 self._end_prefill(request_id, worker, call, len(token_ids))
@@ -247,8 +246,7 @@ class RemoteEngineClient:
                     resumed = False
                     if finish is not None:
                         return
-                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                           details="the decode stream ended before the request finished")
+                raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the decode stream ended before the request finished")
             except asyncio.CancelledError:
                 if self._aborted.pop(request_id, None) is None:
                     raise
