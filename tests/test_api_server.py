@@ -40,6 +40,28 @@ def test_health_and_instance_header(api_server):
         assert httpx.get(f"{api_server.root_url}{path}", timeout=10).headers["x-cleave-instance"] == "test-instance"
 
 
+def test_tokens_that_arrive_together_still_count_one_interval_each():
+    # A reader that lags gets the tokens it missed merged into one output, the first
+    # included; the inter-token histogram must still count generated tokens minus one.
+    from cleave.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics()
+    tracker = metrics.track()
+    tracker.on_tokens(3)
+    tracker.on_tokens(0)
+    tracker.on_tokens(2)
+    tracker.on_finish("length")
+
+    def sample(name):
+        return metrics.registry.get_sample_value(name)
+
+    assert sample("cleave_router_time_to_first_token_seconds_count") == 1
+    assert sample("cleave_router_inter_token_latency_seconds_count") == 4
+    # The two that came with the first token reached the client with it: no gap.
+    assert metrics.registry.get_sample_value("cleave_router_inter_token_latency_seconds_bucket", {"le": "0.001"}) >= 2
+    assert sample("cleave_router_generation_tokens_total") == 5
+
+
 def test_generation_feeds_the_metrics(openai_client, api_server):
     def snapshot():
         return {

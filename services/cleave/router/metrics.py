@@ -144,6 +144,11 @@ class RequestTracker:
         now = time.perf_counter()
         if self.last_token is None:
             self.metrics.ttft.observe(now - self.arrival)
+            # Tokens that came with the first (a lagging reader gets what piled up merged)
+            # reached the client with it: no gap, but each is still one inter-token
+            # interval, so the count stays generated tokens minus one per request.
+            for _ in range(num_tokens - 1):
+                self.metrics.itl.observe(0.0)
         else:
             # Several tokens in one step share the gap evenly.
             gap = (now - self.last_token) / num_tokens
