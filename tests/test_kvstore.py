@@ -514,6 +514,30 @@ def test_memory_tier_lru_order_replacement_and_full_errors():
         tier.pin(4, 0)
 
 
+def test_memory_tier_counts_live_pins_as_they_lapse_extend_and_go():
+    clock = FakeClock()
+    tier = MemoryBackend(1 << 20, clock=clock)
+    for block_hash in range(10):
+        tier.put(block_hash, StoredBlock(b"x" * 10))
+        assert tier.pin(block_hash, 1 + block_hash)  # block i's pin lapses at i + 1 s
+    assert tier.stats().num_pinned == 10
+    assert tier.pin(0, 20) and tier.pin(9, 1)  # 0 extended to 20 s; a shorter pin leaves 9's at 10 s
+    assert tier.unpin(5) and tier.remove(6)
+    clock.now += 3.5  # 1 and 2 lapse
+    assert tier.stats().num_pinned == 10 - 2 - 2
+    assert [h for h in range(10) if tier.is_pinned(h)] == [0, 3, 4, 7, 8, 9]
+    clock.now += 6.6  # everything but 0 has lapsed
+    assert tier.stats().num_pinned == 1 and tier.is_pinned(0)
+    assert tier.pin(5, 1) and tier.stats().num_pinned == 2  # re-pinned after an unpin
+    clock.now += 10
+    assert tier.stats().num_pinned == 0
+    # Pins renewed again and again before they lapse do not pile up.
+    for _ in range(5000):
+        clock.now += 0.001
+        assert tier.pin(7, 60)
+    assert tier.stats().num_pinned == 1 and len(tier._pin_deadlines) <= 2 + 1024
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{"port": 70000}, {"capacity_mb": 0}, {"chunk_bytes": 0}, {"chunk_bytes": 1 << 30},

@@ -3,6 +3,7 @@ recently used first, skipping blocks whose time-to-live pin has not lapsed."""
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections import OrderedDict
@@ -22,6 +23,11 @@ class MemoryBackend(StorageBackend):
         self.clock = clock
         self._blocks: OrderedDict[int, StoredBlock] = OrderedDict()  # least recently used first
         self._pins: dict[int, float] = {}  # block hash -> deadline on `clock`
+        # (deadline, block hash) of every pin set, so that lapsed pins leave ``_pins`` in
+        # deadline order: stats() runs on every put (the registry's load), and counting the
+        # live pins by a scan cost a put time in proportion to the blocks pinned. Entries
+        # whose pin was since extended, cut or dropped are skipped when they come up.
+        self._pin_deadlines: list[tuple[float, int]] = []
         self._num_bytes = 0
         self._num_evictions = 0
         self._lock = threading.Lock()
@@ -66,7 +72,13 @@ class MemoryBackend(StorageBackend):
             if block_hash not in self._blocks:
                 return False
             deadline = self.clock() + ttl_seconds
-            self._pins[block_hash] = max(deadline, self._pins.get(block_hash, deadline))
+            if deadline > self._pins.get(block_hash, float("-inf")):
+                self._pins[block_hash] = deadline
+                heapq.heappush(self._pin_deadlines, (deadline, block_hash))
+                if len(self._pin_deadlines) > 2 * len(self._pins) + 1024:
+                    # Pins extended or dropped long before they lapse: start afresh.
+                    self._pin_deadlines = [(d, h) for h, d in self._pins.items()]
+                    heapq.heapify(self._pin_deadlines)
             return True
 
     def unpin(self, block_hash: int) -> bool:
@@ -80,12 +92,12 @@ class MemoryBackend(StorageBackend):
 
     def stats(self) -> BackendStats:
         with self._lock:
-            now = self.clock()
+            self._expire_pins(self.clock())
             return BackendStats(
                 num_blocks=len(self._blocks),
                 num_bytes=self._num_bytes,
                 capacity_bytes=self.capacity_bytes,
-                num_pinned=sum(1 for h in list(self._pins) if self._pinned(h, now)),
+                num_pinned=len(self._pins),
                 num_evictions=self._num_evictions,
             )
 
@@ -97,6 +109,7 @@ class MemoryBackend(StorageBackend):
         with self._lock:
             self._blocks.clear()
             self._pins.clear()
+            self._pin_deadlines.clear()
             self._num_bytes = 0
 
     # -- internals (lock held) ------------------------------------------------------------
@@ -108,6 +121,13 @@ class MemoryBackend(StorageBackend):
             del self._pins[block_hash]
             return False
         return True
+
+    def _expire_pins(self, now: float) -> None:
+        heap = self._pin_deadlines
+        while heap and heap[0][0] <= now:
+            deadline, block_hash = heapq.heappop(heap)
+            if self._pins.get(block_hash) == deadline:
+                del self._pins[block_hash]
 
     def _victims(self, needed: int, exclude: int) -> list[int]:
         if needed > self.capacity_bytes:
