@@ -35,8 +35,8 @@ class HeldExperts:
     def runner(self, layer: int):
         """``run(expert, x)`` for :func:`cleave.models.moe.expert_slot_outputs`."""
 
-        def run(expert: int, x: torch.Tensor) -> torch.Tensor:
-            return run_expert(self.gate_up[layer, expert], self.down[layer, expert], x)
+        def run(expert: int, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return run_expert(self.gate_up[layer, expert], self.down[layer, expert], x, out)
 
         return run
 
