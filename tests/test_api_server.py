@@ -52,13 +52,13 @@ def test_tokens_that_arrive_together_still_count_one_interval_each():
     tracker.on_tokens(2)
     tracker.on_finish("length")
 
-    def sample(name):
-        return metrics.registry.get_sample_value(name)
+    def sample(name, **labels):
+        return metrics.registry.get_sample_value(name, labels)
 
     assert sample("cleave_router_time_to_first_token_seconds_count") == 1
     assert sample("cleave_router_inter_token_latency_seconds_count") == 4
     # The two that came with the first token reached the client with it: no gap.
-    assert metrics.registry.get_sample_value("cleave_router_inter_token_latency_seconds_bucket", {"le": "0.001"}) >= 2
+    assert sample("cleave_router_inter_token_latency_seconds_bucket", le="0.001") >= 2
     assert sample("cleave_router_generation_tokens_total") == 5
 
 

@@ -147,13 +147,12 @@ class RequestTracker:
             # Tokens that came with the first (a lagging reader gets what piled up merged)
             # reached the client with it: no gap, but each is still one inter-token
             # interval, so the count stays generated tokens minus one per request.
-            for _ in range(num_tokens - 1):
-                self.metrics.itl.observe(0.0)
+            gap, intervals = 0.0, num_tokens - 1
         else:
             # Several tokens in one step share the gap evenly.
-            gap = (now - self.last_token) / num_tokens
-            for _ in range(num_tokens):
-                self.metrics.itl.observe(gap)
+            gap, intervals = (now - self.last_token) / num_tokens, num_tokens
+        for _ in range(intervals):
+            self.metrics.itl.observe(gap)
         self.last_token = now
         self.metrics.generation_tokens.inc(num_tokens)
 
