@@ -4,6 +4,9 @@ KV blocks moved between engines."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from cleave.engine import SamplingParams
@@ -134,3 +137,21 @@ def test_async_engine_hands_a_lagging_consumer_what_piled_up_in_one_output(tiny)
     assert rest[0].num_output_tokens == MAX_NEW
     assert len(rest[0].new_token_ids) == len(rest[0].new_logprobs) == MAX_NEW - len(first.new_token_ids)
     assert_greedy_equal(hf, [prompt], [first.new_token_ids + rest[0].new_token_ids], MAX_NEW)
+
+
+def test_loading_a_model_leaves_torch_dynamo_unimported(tiny_models, tiny_mixtral_hd64_dir):
+    """Every worker process loads its model at start: building the skeleton on the meta
+    device must not compute there (meta arithmetic and init go through torch._refs, whose
+    first use imports torch._dynamo, over a second of each start)."""
+    paths = [*tiny_models.values(), tiny_mixtral_hd64_dir]
+    script = (
+        "import sys\n"
+        "from cleave.models.loader import load_model\n"
+        "for path in sys.argv[1:]:\n"
+        "    load_model(path)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *map(str, paths)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]

@@ -36,14 +36,20 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, expert_backend: ExpertBackend | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Uninitialised, as every weight here: the checkpoint fills it (and Embedding's
+        # normal_ init on meta would import torch._dynamo, see the rotary tables below).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         routed = expert_backend is None
         self.layers = nn.ModuleList(DecoderLayer(config, i, routed) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        # On the CPU even under load_model's meta device: arithmetic on meta tensors goes
+        # through torch._refs, whose first use imports torch._dynamo (~1.5 s a process).
+        # load_model computes the tables again on the model's device after to_empty.
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings, "cpu")
         if config.is_moe:
             self.set_expert_backend(self.local_expert_backend() if expert_backend is None else expert_backend)
 
