@@ -4,12 +4,16 @@ a fake Prometheus that answers from canned series."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from string import Template
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
-from cleave.rca.platform import PrometheusAPI, PrometheusUnavailable, call_graph, collect
+from cleave.rca.platform import SERIES, PrometheusAPI, PrometheusUnavailable, call_graph, collect
 from fake_http import FakeJSONServer
 from local_platform import free_port
 
@@ -101,3 +105,62 @@ def test_collect_without_targets_or_prometheus_says_why():
 def test_call_graph_from_roles():
     assert call_graph({"router-0": "router", "decode-0": "decode"}) == {
         "router-0": {"decode-0", "redis"}, "decode-0": {"redis"}, "redis": set()}
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is missing: run make install-test")
+    return path
+
+
+def test_a_callees_latency_is_its_slowest_operation_as_the_least_hit_caller_sees_it(tmp_path):
+    """The KV store's and an expert replica's latency as their callers see it, evaluated by
+    Prometheus' own engine (``promtool test rules``) over counters rising at fixed rates.
+    kvstore-0 is slow (a throttled store: the prefill worker's puts wait 0.2 s, while every
+    read, sent right after a put returned, takes 2 ms): its figure is the puts' 0.2 s (the
+    least over each caller's mean of all its calls read 2 ms and hid it). kvstore-1 is
+    fine, with an overloaded decode worker whose own reads look slow: the prefill worker's
+    2 ms reads and 3 ms puts rule. An expert replica (no ``op``) reads as its least-hit caller."""
+    queries = {(q.metric, q.roles): q.expr for q in SERIES}
+    per_minute = {  # (store label, caller, op): (calls, seconds) a minute
+        ("kvstore-0", "prefill-0", "put"): (6, 1.2), ("kvstore-0", "prefill-0", "get"): (6, 0.012),
+        ("kvstore-0", "decode-0", "get"): (12, 0.024),
+        ("kvstore-1", "prefill-0", "put"): (6, 0.018), ("kvstore-1", "prefill-0", "get"): (6, 0.012),
+        ("kvstore-1", "decode-0", "get"): (12, 2.4),
+    }
+    series = []
+    for (store, caller, op), (calls, seconds) in per_minute.items():
+        labels = f'job="cleave",instance_id="{caller}",store="{store}",op="{op}"'
+        series.append({"series": f"cleave_kvstore_client_call_seconds_sum{{{labels}}}", "values": f"0+{seconds}x10"})
+        series.append({"series": f"cleave_kvstore_client_call_seconds_count{{{labels}}}", "values": f"0+{calls}x10"})
+        # Every call of a mean above 5 ms lands in (5 ms, 250 ms], the others in the first bucket.
+        slow = seconds / calls > 0.005
+        for le, count in (("0.005", 0 if slow else calls), ("0.25", calls), ("+Inf", calls)):
+            series.append({"series": f'cleave_kvstore_client_call_seconds_bucket{{{labels},le="{le}"}}',
+                           "values": f"0+{count}x10"})
+    for caller, (calls, seconds) in {"decode-0": (12, 0.048), "prefill-0": (6, 0.3)}.items():
+        labels = f'job="cleave",instance_id="{caller}",replica="expert-0"'
+        series.append({"series": f"cleave_expert_client_call_seconds_sum{{{labels}}}", "values": f"0+{seconds}x10"})
+        series.append({"series": f"cleave_expert_client_call_seconds_count{{{labels}}}", "values": f"0+{calls}x10"})
+
+    def expr(metric: str, role: str) -> str:
+        """The series' PromQL, in whole microseconds (promtool compares floats exactly)."""
+        promql = Template(queries[metric, (role,)]).substitute(sel='job="cleave"', w="3m", f="1m")
+        return f"round(1e6 * ({promql}))"
+
+    tests = [
+        {"expr": expr("client_latency_seconds", "kvstore"), "eval_time": "10m", "exp_samples": [
+            {"labels": '{store="kvstore-0"}', "value": 200000}, {"labels": '{store="kvstore-1"}', "value": 3000}]},
+        # histogram_quantile interpolates within a bucket: 0.005 + 0.9 * (0.25 - 0.005) for the puts.
+        {"expr": expr("client_latency_p90_seconds", "kvstore"), "eval_time": "10m", "exp_samples": [
+            {"labels": '{store="kvstore-0"}', "value": 225500}, {"labels": '{store="kvstore-1"}', "value": 4500}]},
+        {"expr": expr("client_latency_seconds", "expert"), "eval_time": "10m", "exp_samples": [
+            {"labels": '{replica="expert-0"}', "value": 4000}]},
+    ]
+    spec = {"rule_files": [], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}]}
+    (tmp_path / "callers_test.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = subprocess.run([promtool(), "test", "rules", "callers_test.yml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"

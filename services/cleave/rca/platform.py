@@ -70,16 +70,23 @@ def _gauge(metric: str) -> str:
 
 
 def _callers_mean(metric: str, callee: str) -> str:
-    """A callee's mean latency as its callers measure it: each caller's mean, then the
-    least of them. A slow callee is slow for every caller, while an overloaded caller (its
-    CPU, its event loop) inflates what it alone measures."""
-    return (f"min by ({callee}) (sum by ({callee}, instance_id) (rate({metric}_sum{{$sel}}[$w])) / "
-            f"(sum by ({callee}, instance_id) (rate({metric}_count{{$sel}}[$w])) > 0))")
+    """A callee's mean latency as its callers measure it: per operation, each caller's
+    mean and then the least of them; then the slowest operation. A slow callee is slow for
+    every caller of an operation, while an overloaded caller (its CPU, its event loop)
+    inflates what it alone measures. Per operation, because the callers of one may never
+    see the callee slow: a KV store throttled by a stop/continue cycle makes the prefill
+    workers' puts wait, and the decode workers' reads, sent right after a put returned,
+    land in the same running slice; the least over every caller's mean of all its calls
+    was a decode worker's, and hid the store. Without an ``op`` label (expert replicas)
+    it is the least of the callers' means."""
+    return (f"max by ({callee}) (min by ({callee}, op) ("
+            f"sum by ({callee}, op, instance_id) (rate({metric}_sum{{$sel}}[$w])) / "
+            f"(sum by ({callee}, op, instance_id) (rate({metric}_count{{$sel}}[$w])) > 0)))")
 
 
 def _callers_p90(metric: str, callee: str) -> str:
-    return (f"min by ({callee}) (histogram_quantile(0.9, "
-            f"sum by ({callee}, instance_id, le) (rate({metric}_bucket{{$sel}}[$w]))))")
+    return (f"max by ({callee}) (min by ({callee}, op) (histogram_quantile(0.9, "
+            f"sum by ({callee}, op, instance_id, le) (rate({metric}_bucket{{$sel}}[$w])))))")
 
 
 _GENERATE = ',endpoint=~"completions|chat_completions|grpc_generate"'
