@@ -123,6 +123,81 @@ def test_engine_blocks_round_trip_byte_exact_across_chunk_boundaries(kv_blocks, 
         assert decoded.block_hash == block_hash and torch.equal(decoded.data, block.data)
 
 
+def test_small_blocks_travel_packed_several_to_a_message_both_ways(kv_blocks):
+    """A stream message costs more than a block of tens of kilobytes, so both sides pack
+    chunks up to chunk_bytes a message once the other side is known to read them; a
+    block larger than that still spans messages."""
+    hashes = [h for h, _, _ in kv_blocks]
+    block_bytes = max(len(data) for _, data, _ in kv_blocks)  # headers differ by a few bytes
+    big = (999, b"B" * (3 * block_bytes + 5))  # straddles messages of two blocks' size
+    blocks = [(h, data) for h, data, _ in kv_blocks] + [big]
+
+    async def scenario():
+        async with running_store(chunk_bytes=2 * block_bytes) as store:
+            async with KVStoreClient(store.address, chunk_bytes=2 * block_bytes) as client:
+                sent: list[list[pb.PutBlocksRequest]] = []
+                put_blocks = client.stub.PutBlocks
+
+                def counting(requests, **kwargs):
+                    sent.append(list(requests))
+                    return put_blocks(iter(sent[-1]), **kwargs)
+
+                client.stub.PutBlocks = counting
+                # The first put goes a chunk a message: the store may predate packing.
+                assert not client.packs_puts
+                await client.put_blocks(blocks[:2])
+                assert client.packs_puts  # its reply said it reads packed puts
+                put = await client.put_blocks(blocks, token_ids={h: b.token_ids for h, _, b in kv_blocks},
+                                              pin_ttl_seconds=30)
+                request = pb.GetBlocksRequest(block_hashes=[*hashes, 5, 999])
+                packed_request = pb.GetBlocksRequest(block_hashes=request.block_hashes, packed=True)
+                packed = [r async for r in client.stub.GetBlocks(packed_request)]
+                unpacked = [r async for r in client.stub.GetBlocks(request)]  # a reader that predates packing
+                got = await client.get_stored_blocks([*hashes, 999])
+                return sent, put, packed, unpacked, got, await client.stats()
+
+    sent, put, packed, unpacked, got, stats = run(scenario())
+    assert put.stored_hashes == [*hashes, 999] and stats.num_pinned == 5
+    assert [1 + len(r.more_chunks) for r in sent[0]] == [1, 1]
+    # Four blocks two to a message, then the big one in pieces of two blocks' size.
+    assert [1 + len(r.more_chunks) for r in sent[1]] == [2, 2, 1, 1]
+    assert [1 + len(r.more_chunks) for r in packed] == [2, 2, 1, 1]
+    assert [1 + len(r.more_chunks) for r in unpacked] == [1] * 6
+    chunks = [c for r in packed for c in (r.chunk, *r.more_chunks)]
+    assert chunks == [r.chunk for r in unpacked]  # the same chunks either way
+    assert [c.block_hash for c in chunks] == [*hashes, 999, 999]  # 5 is absent: skipped
+    assert [bool(c.token_ids) for c in chunks] == [True] * 4 + [False] * 2
+    assert [c.last for c in chunks] == [True] * 4 + [False, True]
+    assert all(len(r.chunk.data) + sum(len(c.data) for c in r.more_chunks) <= 2 * block_bytes for r in packed)
+    for block_hash, data, block in kv_blocks:
+        assert got[block_hash] == StoredBlock(data, block.token_ids)
+    assert got[999].data == big[1]
+
+
+def test_a_client_keeps_to_a_chunk_a_message_for_a_store_that_does_not_read_packed_puts(kv_blocks):
+    """A store older than PutBlocksRequest.more_chunks would drop them: a client packs
+    only after a store's reply says it reads them."""
+
+    async def scenario():
+        async with running_store() as store, KVStoreClient(store.address) as client:
+            sent: list[pb.PutBlocksRequest] = []
+            put_blocks = client.stub.PutBlocks
+
+            async def like_an_old_store(requests, **kwargs):
+                sent.extend(requests)
+                response = await put_blocks(iter(sent), **kwargs)
+                response.ClearField("reads_more_chunks")
+                return response
+
+            client.stub.PutBlocks = like_an_old_store
+            for _ in range(2):
+                await client.put_blocks([(h, data) for h, data, _ in kv_blocks])
+            return sent, client.packs_puts
+
+    sent, packs = run(scenario())
+    assert not packs and [len(r.more_chunks) for r in sent] == [0] * 2 * len(kv_blocks)
+
+
 def test_blocks_from_the_store_give_another_engine_the_same_tokens(tiny_models, engine, prompt, kv_blocks):
     from cleave.engine.config import EngineConfig
     from cleave.engine.kv_transfer import KVBlock
@@ -252,6 +327,13 @@ def _chunk(block_hash=None, data=b"x", last=True, token_ids=(), pin=0.0):
     return pb.PutBlocksRequest(chunk=chunk, pin_ttl_seconds=pin)
 
 
+def _packed(*requests):
+    """One message carrying the chunks of ``requests``."""
+    first, *rest = requests
+    return pb.PutBlocksRequest(chunk=first.chunk, more_chunks=[r.chunk for r in rest],
+                               pin_ttl_seconds=first.pin_ttl_seconds)
+
+
 @pytest.mark.parametrize(
     "stream, message",
     [
@@ -261,8 +343,11 @@ def _chunk(block_hash=None, data=b"x", last=True, token_ids=(), pin=0.0):
         ([_chunk(5, data=b"")], "block 5 is empty"),
         ([_chunk(5, last=False, token_ids=[1]), _chunk(5, token_ids=[2])], "first chunk only"),
         ([_chunk(5, pin=-1.0)], "pin_ttl_seconds"),
+        ([_packed(_chunk(5, last=False), _chunk(7))], "chunk 3 has block_hash 7 before block 5 ended"),
+        ([_packed(_chunk(5, last=False), _chunk(None))], "chunk 3 has no block_hash"),
     ],
-    ids=["no-hash", "hash-changes-mid-block", "no-last", "empty", "late-token-ids", "negative-pin"],
+    ids=["no-hash", "hash-changes-mid-block", "no-last", "empty", "late-token-ids", "negative-pin",
+         "packed-hash-changes", "packed-no-hash"],
 )
 def test_malformed_put_streams_are_invalid_argument(redis_url, stream, message):
     r = redis.Redis.from_url(redis_url, decode_responses=True)

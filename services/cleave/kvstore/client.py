@@ -45,6 +45,9 @@ class KVStoreClient:
         self.chunk_bytes = chunk_bytes
         self.channel = grpc.aio.insecure_channel(address, options=channel_options())
         self.stub = pb_grpc.KVStoreStub(self.channel)
+        # Puts go one chunk a message until the store says it reads packed ones
+        # (PutBlocksResponse.reads_more_chunks): a store older than that would drop them.
+        self.packs_puts = False
 
     async def put_blocks(
         self,
@@ -64,21 +67,32 @@ class KVStoreClient:
         if empty:
             raise ValueError(f"blocks {empty} are empty")
 
+        packs = self.packs_puts
+
         def requests():
+            # Chunks packed up to chunk_bytes a message (see PutBlocksRequest.more_chunks).
+            pending: list[pb.KVBlockChunk] = []
+            pending_bytes = 0
             for block_hash, data in blocks:
                 view = memoryview(data)
                 for offset in range(0, len(data), chunk_bytes):
-                    yield pb.PutBlocksRequest(
-                        chunk=pb.KVBlockChunk(
-                            block_hash=block_hash,
-                            token_ids=token_ids.get(block_hash, ()) if offset == 0 else (),
-                            data=bytes(view[offset : offset + chunk_bytes]),
-                            last=offset + chunk_bytes >= len(data),
-                        ),
-                        pin_ttl_seconds=pin_ttl_seconds if offset == 0 else 0.0,
-                    )
+                    piece = bytes(view[offset : offset + chunk_bytes])
+                    if pending and (pending_bytes + len(piece) > chunk_bytes or not packs):
+                        yield pb.PutBlocksRequest(chunk=pending[0], more_chunks=pending[1:],
+                                                  pin_ttl_seconds=pin_ttl_seconds)
+                        pending, pending_bytes = [], 0
+                    pending.append(pb.KVBlockChunk(
+                        block_hash=block_hash,
+                        token_ids=token_ids.get(block_hash, ()) if offset == 0 else (),
+                        data=piece,
+                        last=offset + chunk_bytes >= len(data),
+                    ))
+                    pending_bytes += len(piece)
+            if pending:
+                yield pb.PutBlocksRequest(chunk=pending[0], more_chunks=pending[1:], pin_ttl_seconds=pin_ttl_seconds)
 
         response = await self.stub.PutBlocks(requests(), timeout=timeout)
+        self.packs_puts = response.reads_more_chunks
         return PutResult(list(response.stored_hashes), response.num_bytes, response.num_evicted)
 
     async def get_stored_blocks(
@@ -89,16 +103,17 @@ class KVStoreClient:
         parts: list[bytes] = []
         tokens: tuple[int, ...] = ()
         current: int | None = None
-        async for response in self.stub.GetBlocks(pb.GetBlocksRequest(block_hashes=block_hashes), timeout=timeout):
-            chunk = response.chunk
-            if current is None:
-                current, tokens, parts = chunk.block_hash, tuple(chunk.token_ids), []
-            elif chunk.block_hash != current:
-                raise RuntimeError(f"store {self.address} interleaved block {chunk.block_hash} into {current}")
-            parts.append(chunk.data)
-            if chunk.last:
-                found[current] = StoredBlock(b"".join(parts), tokens)
-                current = None
+        async for response in self.stub.GetBlocks(pb.GetBlocksRequest(block_hashes=block_hashes, packed=True),
+                                                 timeout=timeout):
+            for chunk in (response.chunk, *response.more_chunks):
+                if current is None:
+                    current, tokens, parts = chunk.block_hash, tuple(chunk.token_ids), []
+                elif chunk.block_hash != current:
+                    raise RuntimeError(f"store {self.address} interleaved block {chunk.block_hash} into {current}")
+                parts.append(chunk.data)
+                if chunk.last:
+                    found[current] = StoredBlock(b"".join(parts), tokens)
+                    current = None
         if current is not None:
             raise RuntimeError(f"store {self.address} ended its stream inside block {current}")
         return found

@@ -72,8 +72,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         try:
             index = -1
-            async for index, request in _enumerate(request_iterator):
-                chunk = request.chunk
+            async for index, request, chunk in _chunks(request_iterator):
                 if not chunk.HasField("block_hash"):
                     await self._abort(context, invalid, f"chunk {index} has no block_hash")
                 if block_hash is None:
@@ -122,10 +121,17 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             self.metrics.transfer_seconds.labels(op="put").observe(time.perf_counter() - started)
             if stored and self.on_change is not None:
                 self.on_change()
-        return pb.PutBlocksResponse(stored_hashes=stored, num_bytes=num_bytes, num_evicted=num_evicted)
+        return pb.PutBlocksResponse(stored_hashes=stored, num_bytes=num_bytes, num_evicted=num_evicted,
+                                    reads_more_chunks=True)
 
     async def GetBlocks(self, request: pb.GetBlocksRequest, context) -> AsyncIterator[pb.GetBlocksResponse]:
         started = time.perf_counter()
+        # Chunks go out packed up to chunk_bytes a message to a reader that takes them
+        # (request.packed): a stream message costs both sides more than a block's few
+        # tens of kilobytes do.
+        pending: list[pb.KVBlockChunk] = []
+        pending_bytes = 0
+        out = self.metrics.transfer_bytes.labels(direction="out")
         try:
             for block_hash in request.block_hashes:
                 block = self.backend.get(block_hash)
@@ -136,15 +142,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 data = block.data
                 for offset in range(0, len(data), self.chunk_bytes):
                     piece = data[offset : offset + self.chunk_bytes]
-                    self.metrics.transfer_bytes.labels(direction="out").inc(len(piece))
-                    yield pb.GetBlocksResponse(
-                        chunk=pb.KVBlockChunk(
-                            block_hash=block_hash,
-                            token_ids=block.token_ids if offset == 0 else (),
-                            data=piece,
-                            last=offset + self.chunk_bytes >= len(data),
-                        )
-                    )
+                    if pending and (pending_bytes + len(piece) > self.chunk_bytes or not request.packed):
+                        yield _get_response(pending)
+                        out.inc(pending_bytes)
+                        pending, pending_bytes = [], 0
+                    pending.append(pb.KVBlockChunk(
+                        block_hash=block_hash,
+                        token_ids=block.token_ids if offset == 0 else (),
+                        data=piece,
+                        last=offset + self.chunk_bytes >= len(data),
+                    ))
+                    pending_bytes += len(piece)
+            if pending:
+                yield _get_response(pending)
+                out.inc(pending_bytes)
         finally:
             self.metrics.transfer_seconds.labels(op="get").observe(time.perf_counter() - started)
 
@@ -184,11 +195,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             self.metrics.misses.labels(op=op, tier=self.metrics.tier).inc()
 
 
-async def _enumerate(iterator: AsyncIterator) -> AsyncIterator:
+async def _chunks(requests: AsyncIterator[pb.PutBlocksRequest]) -> AsyncIterator:
+    """(index, request, chunk) of every chunk of a PutBlocks stream, ``chunk`` then
+    ``more_chunks`` of each message, numbered across the stream."""
     index = 0
-    async for item in iterator:
-        yield index, item
+    async for request in requests:
+        yield index, request, request.chunk
         index += 1
+        for chunk in request.more_chunks:
+            yield index, request, chunk
+            index += 1
+
+
+def _get_response(chunks: list[pb.KVBlockChunk]) -> pb.GetBlocksResponse:
+    return pb.GetBlocksResponse(chunk=chunks[0], more_chunks=chunks[1:])
 
 
 class KVStoreServer:
