@@ -4,7 +4,6 @@ a fake Prometheus that answers from canned series."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from string import Template
 from typing import Any
@@ -16,6 +15,7 @@ import yaml
 from cleave.rca.platform import SERIES, PrometheusAPI, PrometheusUnavailable, call_graph, collect
 from fake_http import FakeJSONServer
 from local_platform import free_port
+from test_alert_rules import promtool
 
 START, STEP = 1000.0, 2.0
 ROLES = {"router-0": "router", "prefill-0": "prefill", "decode-0": "decode", "kvstore-0": "kvstore",
@@ -105,13 +105,6 @@ def test_collect_without_targets_or_prometheus_says_why():
 def test_call_graph_from_roles():
     assert call_graph({"router-0": "router", "decode-0": "decode"}) == {
         "router-0": {"decode-0", "redis"}, "decode-0": {"redis"}, "redis": set()}
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is missing: run make install-test")
-    return path
 
 
 def test_a_callees_latency_is_its_slowest_operation_as_the_least_hit_caller_sees_it(tmp_path):

@@ -48,7 +48,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # On the CPU even under load_model's meta device: arithmetic on meta tensors goes
         # through torch._refs, whose first use imports torch._dynamo (~1.5 s a process).
-        # load_model computes the tables again on the model's device after to_empty.
+        # load_model moves them to the model's device.
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings, "cpu")
         if config.is_moe:
             self.set_expert_backend(self.local_expert_backend() if expert_backend is None else expert_backend)

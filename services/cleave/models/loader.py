@@ -9,7 +9,6 @@ from safetensors import safe_open
 
 from cleave.models.causal_lm import CausalLM
 from cleave.models.config import ModelConfig
-from cleave.models.layers import RotaryEmbedding
 from cleave.models.moe import ExpertBackend, SparseMoeBlock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,13 +121,15 @@ def load_model(
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     torch_dtype = DTYPES[dtype]
+    # RoPE's tables were computed on the CPU (CausalLM): kept out of to_empty's reach,
+    # which would leave their buffers uninitialised, then moved.
+    rotary = model.rotary
+    del model.rotary
     model.to_empty(device=device)
     model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    # Buffers made on the meta device hold nothing: compute RoPE's tables for real.
-    with torch.device(device):
-        model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
+    model.rotary = rotary.to(device)
     model.eval()
     if config.is_moe:
         model.set_expert_backend(model.local_expert_backend() if expert_backend is None else expert_backend)
