@@ -1,6 +1,6 @@
 """Cleave against vLLM's CPU build on the same seeded tiny MoE checkpoint, driven by vLLM's own client and by our Locust file.
 
-    python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg] [--num-prompts 50]
+    python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg[,disagg-replica]] [--num-prompts 50]
                               [--input-len 128] [--output-len 32] [--locust-users 8] [--locust-time 30]
                               [--server-core 1] [--client-core 0] [--disagg-flags "..."]
                               [--request-rates 20,30] [--rate-prompts 300]
@@ -9,9 +9,10 @@ Needs vLLM's CPU build in .venv-vllm/ (``infra/scripts/vllm.sh install``). In on
 server at a time (so no two servers share the cores): vLLM (``vllm serve``), then Cleave
 single-process (``cleave up --mode single --num-threads 1``), then Cleave disaggregated
 (``cleave up`` defaults, which size the pools to the one server core: Redis, a KV store,
-1 prefill and 1 decode worker, 1 expert replica, the router; 1 torch thread per worker;
-``--disagg-flags "--decode-workers 2 --expert-replicas 2"`` runs the two-core layout on
-it). Each server runs under ``taskset -c SERVER_CORE`` (every process it spawns inherits
+1 prefill and 1 decode worker running their experts themselves, the router; 1 torch thread
+per worker; ``--disagg-flags "--decode-workers 2 --expert-replicas 2"`` runs the two-core
+layout on it), and, where ``--shapes`` names it, ``disagg-replica``: the same with one
+expert replica (``--expert-replicas 1``), which shows what the expert hop costs. Each server runs under ``taskset -c SERVER_CORE`` (every process it spawns inherits
 that mask) and each client under ``taskset -c CLIENT_CORE``: on a 2-core machine the
 server has core 1 and the client core 0.
 
@@ -279,6 +280,14 @@ def _cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+# `cleave up` flags of each Cleave shape; --disagg-flags go after the disaggregated ones.
+SHAPE_FLAGS = {
+    "single": ["--mode", "single", "--num-threads", "1"],
+    "disagg": ["--mode", "disaggregated"],
+    "disagg-replica": ["--mode", "disaggregated", "--expert-replicas", "1"],
+}
+
+
 def print_table(args, sides: list[str], results: dict[str, dict[str, dict]], header: list[str]) -> None:
     cleave_sides = [s for s in sides if s != "vllm"]
     for line in header:
@@ -323,7 +332,8 @@ def load_average() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-mixtral-hd64", help="model-zoo name or model folder")
-    parser.add_argument("--shapes", default="single,disagg", help="Cleave shapes, comma-separated: single, disagg")
+    parser.add_argument("--shapes", default="single,disagg",
+                        help="Cleave shapes, comma-separated: single, disagg, disagg-replica")
     parser.add_argument("--num-prompts", type=int, default=50)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
@@ -349,7 +359,7 @@ def main() -> None:
     model_dir = registry.resolve(args.model)
     name = Path(args.model).name
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    unknown = set(shapes) - {"single", "disagg"}
+    unknown = set(shapes) - set(SHAPE_FLAGS)
     if unknown:
         sys.exit(f"unknown shapes: {sorted(unknown)}")
     config = json.loads((model_dir / "config.json").read_text())
@@ -378,8 +388,7 @@ def main() -> None:
                     print(f"stopping {side} ...", file=sys.stderr, flush=True)
                     server.down()
             else:
-                flags = (["--mode", "single", "--num-threads", "1"] if side == "single"
-                         else ["--mode", "disaggregated", *shlex.split(args.disagg_flags)])
+                flags = SHAPE_FLAGS[side] + ([] if side == "single" else shlex.split(args.disagg_flags))
                 platform = PinnedPlatform(tmp_path / side, model_dir, *flags, served_model_name=name,
                                           core=args.server_core)
                 try:

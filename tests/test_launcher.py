@@ -135,12 +135,13 @@ def test_expert_groups(args, specs):
 
 
 @pytest.mark.parametrize("cores, argv, pools", [
-    (1, [], (1, 1)),  # one core: one decode worker batching everything, one replica
+    (1, [], (1, 0)),  # one core: one decode worker batching everything, its experts in it
     (2, [], (2, 2)),
     (16, [], (2, 2)),
-    (1, ["--decode-workers", "3"], (3, 1)),  # what is given is kept
+    (1, ["--decode-workers", "3"], (3, 0)),  # what is given is kept
     (1, ["--expert-groups", "2"], (1, 2)),  # every group needs a replica
-    (1, ["--expert-replicas", "0"], (1, 0)),
+    (1, ["--expert-replicas", "1"], (1, 1)),
+    (2, ["--expert-replicas", "0"], (2, 0)),
 ])
 def test_pools_are_sized_to_the_cores_unless_given(cores, argv, pools):
     args, _ = build_parser("up").parse_known_args(argv)

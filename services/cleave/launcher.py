@@ -421,6 +421,9 @@ def cmd_up(args: argparse.Namespace, extra: list[str]) -> int:
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.expert_replicas == 0 and num_routed_experts(model_path):
+        print("experts run inside the prefill and decode workers (--expert-replicas 0, the default on one core)",
+              file=sys.stderr, flush=True)
     if taken := ports_taken(tiers, args):
         print("error: ports already in use: " + ", ".join(taken) + "; stop what holds them or pick others "
               "(--port, --grpc-port)", file=sys.stderr)
@@ -572,7 +575,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                  "(its CPU affinity: taskset, a cpuset)")
         parser.add_argument("--expert-replicas", type=int, default=None,
                             help=f"for an MoE model; 0 keeps experts local (default {POOL_SIZE}, or one per core "
-                                 "where `cleave up` may use fewer cores)")
+                                 "where `cleave up` may use fewer cores, and 0 on one core)")
         parser.add_argument("--expert-groups", type=int, default=0,
                             help="ways the experts are split (default: one group per replica); replicas beyond "
                                  "the groups hold a second copy, so one can die without a 503")
@@ -614,12 +617,15 @@ def usable_cores() -> int:
 def size_pools(args: argparse.Namespace, cores: int) -> None:
     """Fill the pool sizes left unset: up to POOL_SIZE each, no more than the cores. On one
     core two decode workers split the batch (each step pays its fixed costs and an expert
-    call per MoE layer for half the sequences) and cannot run at once anyway."""
+    call per MoE layer for half the sequences) and cannot run at once anyway; and an expert
+    replica, which cannot compute beside its callers there, only adds its calls: the
+    workers run their experts themselves (about 30% less CPU per token under load,
+    docs/benchmarks.md run L)."""
     per_pool = max(1, min(POOL_SIZE, cores))
     if args.decode_workers is None:
         args.decode_workers = per_pool
     if args.expert_replicas is None:
-        args.expert_replicas = max(per_pool, args.expert_groups)
+        args.expert_replicas = max(per_pool if cores > 1 else 0, args.expert_groups)
 
 
 def check_up_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
