@@ -568,6 +568,49 @@ def test_pool_puts_each_block_on_its_store_and_finds_it_after_a_store_joins(redi
     assert run(scenario()) == dict(blocks)
 
 
+def test_a_handoff_reads_its_only_store_without_asking_the_index_and_follows_the_index_among_several(
+        redis_url, kv_blocks, prompt):
+    import redis.asyncio as aioredis
+    from cleave.common.kv_handoff import KVHandoff
+
+    blocks = [block for _, _, block in kv_blocks]
+    hashes = [block.block_hash for block in blocks]
+    tokens = prompt[: 16 * len(blocks)]
+    first = f"h1-{os.getpid()}"
+    # A second store that rendezvous hashing gives some of the blocks: only the index
+    # still says they are on the first.
+    second = next(f"h2-{os.getpid()}-{n}" for n in itertools.count()
+                  if any(choose_store(h, _records(first, f"h2-{os.getpid()}-{n}")).instance_id != first for h in hashes))
+
+    async def scenario():
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        lookups: list[int] = []
+        mget = client.mget
+
+        async def counted_mget(keys, *args):
+            lookups.append(len(keys))
+            return await mget(keys, *args)
+
+        client.mget = counted_mget
+        handoff = KVHandoff(client, timeout=10, pin_ttl_seconds=0)
+        async with running_store(redis_url, instance_id=first) as s1:
+            one = [InstanceRecord("kvstore", first, s1.address)]
+            stored, _ = await handoff.put_missing(blocks, one, ask_first=False)
+            assert stored == hashes
+            found, stats = await handoff.fetch(hashes, tokens, 16, one)
+            assert [b.block_hash for b in found] == hashes and stats.num_errors == 0
+            assert lookups == []  # one store: nothing for the index to decide
+            async with running_store(redis_url, instance_id=second) as s2:
+                two = [*one, InstanceRecord("kvstore", second, s2.address)]
+                found, stats = await handoff.fetch(hashes, tokens, 16, two)
+                assert [b.block_hash for b in found] == hashes and stats.num_errors == 0
+                assert lookups == [len(hashes)]
+        await handoff.close()
+        await client.aclose()
+
+    run(scenario())
+
+
 # -- the memory tier on its own ------------------------------------------------------------------
 
 

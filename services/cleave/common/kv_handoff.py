@@ -136,7 +136,9 @@ class KVHandoff:
             return [], stats
         by_id = {s.instance_id: s for s in stores}
         owners: list[str | None] = [None] * len(block_hashes)
-        if self.redis is not None:
+        # With one store every block is read from it whatever the index says: the lookup
+        # would only add a Redis round trip to the request's path.
+        if self.redis is not None and len(stores) > 1:
             try:
                 owners = await kvindex.lookup(self.redis, block_hashes)
             except Exception as exc:  # the index is advisory; rendezvous still finds most blocks
