@@ -174,6 +174,38 @@ def test_small_blocks_travel_packed_several_to_a_message_both_ways(kv_blocks):
     assert got[999].data == big[1]
 
 
+PAGE_FAULTS_PER_PACKED_MESSAGE = """
+import os, resource, sys
+from cleave.common.startup import prepare_to_serve
+from cleave.protogen.cleave.v1 import kvstore_pb2 as pb
+if sys.argv[1] == "serving":
+    assert prepare_to_serve()
+data = [os.urandom(36 << 10) for _ in range(8)]  # one prompt's blocks, packed into one message
+def build_and_send():
+    chunks = [pb.KVBlockChunk(block_hash=j, data=data[j], last=True) for j in range(8)]
+    return pb.GetBlocksResponse(chunk=chunks[0], more_chunks=chunks[1:]).SerializeToString()
+for _ in range(10):
+    build_and_send()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    build_and_send()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds")
+def test_a_serving_process_reuses_the_memory_of_its_last_packed_message():
+    def faults_per_message(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_PACKED_MESSAGE, mode],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout)
+
+    # glibc's defaults map each ~300 KB message afresh and fault in every page of it.
+    assert faults_per_message("default") > 50
+    assert faults_per_message("serving") < 1
+
+
 def test_a_client_keeps_to_a_chunk_a_message_for_a_store_that_does_not_read_packed_puts(kv_blocks):
     """A store older than PutBlocksRequest.more_chunks would drop them: a client packs
     only after a store's reply says it reads them."""

@@ -27,7 +27,7 @@ from cleave.common.engine_metrics import EngineStatsCollector
 from cleave.common import redis_metrics
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.metrics_http import MetricsHTTPServer
-from cleave.common.startup import freeze_startup_heap, run_service
+from cleave.common.startup import prepare_to_serve, run_service
 from cleave.common.tasks import cancel_and_wait
 from cleave.common.registry import CLIENT_OPTIONS, DEFAULT_REDIS_URL, AsyncRegistration, AsyncRegistry, InstanceRecord
 from cleave.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
@@ -518,7 +518,7 @@ def run_worker(role: str, config_cls: type, server_cls: type, command: str, argv
     async def serve() -> int:
         server = server_cls(config)
         await server.start(install_signal_handlers=True)
-        freeze_startup_heap()
+        prepare_to_serve()
         await server.grpc.wait_for_termination()
         return 0
 

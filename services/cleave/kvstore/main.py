@@ -11,7 +11,7 @@ from typing import Sequence
 from cleave.common import config as typed_config
 from cleave.common import logging as cleave_logging
 from cleave.kvstore.config import KVStoreConfig
-from cleave.common.startup import freeze_startup_heap, run_service
+from cleave.common.startup import prepare_to_serve, run_service
 
 
 def parse_config(argv: Sequence[str] | None, prog: str = "cleave kvstore") -> KVStoreConfig:
@@ -30,7 +30,7 @@ async def serve(config: KVStoreConfig) -> int:
 
     server = KVStoreServer(config)
     await server.start()
-    freeze_startup_heap()
+    prepare_to_serve()
     server.grpc.install_signal_handlers()
     await server.grpc.wait_for_termination()
     return 0

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from cleave.common import config as typed_config
 from cleave.common import logging as cleave_logging
-from cleave.common.startup import freeze_startup_heap
+from cleave.common.startup import prepare_to_serve
 from cleave.engine.config import EngineConfig
 from cleave.modelzoo.registry import DEFAULT_MODEL
 
@@ -198,7 +198,7 @@ def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int:
             "url": f"http://{server_config.host}:{server_config.port}/v1",
         },
     )
-    freeze_startup_heap()
+    prepare_to_serve()
     # uvicorn drains on SIGTERM/SIGINT (gRPC alongside), runs the lifespan shutdown (the
     # gRPC server's end, then the engine's), then re-raises the signal, so a signalled
     # server exits as signalled.

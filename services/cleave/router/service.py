@@ -23,7 +23,7 @@ from typing import Sequence
 from cleave.common import config as typed_config
 from cleave.common import logging as cleave_logging
 from cleave.common.registry import DEFAULT_REDIS_URL
-from cleave.common.startup import freeze_startup_heap
+from cleave.common.startup import prepare_to_serve
 from cleave.events.schema import DEFAULT_TOPIC
 from cleave.modelzoo.registry import DEFAULT_MODEL
 from cleave.router.plugins import parse_pipeline
@@ -202,7 +202,7 @@ def serve(config: RouterConfig, model_path: Path) -> int:
         "prefill_routing": config.prefill_routing, "decode_routing": config.decode_routing,
         "instance_id": config.instance_id,
     })
-    freeze_startup_heap()
+    prepare_to_serve()
     server.run()
     return 0 if server.started else 1
 
