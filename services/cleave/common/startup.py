@@ -16,9 +16,10 @@ T = TypeVar("T")
 # glibc mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# Buffers up to this size come from the heap, and this much free heap is kept for reuse.
-MMAP_THRESHOLD_BYTES = 4 << 20
-TRIM_THRESHOLD_BYTES = 32 << 20
+# Blocks up to this size come from the heap (the most glibc accepts on 64-bit), and this
+# much free heap is kept for reuse: where glibc's own adjusting would end up at most.
+MMAP_THRESHOLD_BYTES = 32 << 20
+TRIM_THRESHOLD_BYTES = 64 << 20
 
 
 def prepare_to_serve() -> bool:
@@ -44,9 +45,10 @@ def keep_freed_memory() -> bool:
     and drops a message of a few hundred KiB per call, as the KV store does with a
     request's packed blocks, then faults every page of it in again on each call (~160
     page faults a call, a third of the CPU of a KV store read here; docs/benchmarks.md,
-    run M). Fixed thresholds (which also stop glibc's own adjusting) end that, for at
-    most ``TRIM_THRESHOLD_BYTES`` of free memory kept per heap. False where the C
-    library has no ``mallopt`` (musl, macOS): nothing to tune there."""
+    run M). The thresholds its adjusting would reach at most, fixed from the start (which
+    stops the adjusting), end that for every block up to 32 MiB (a burst's activations
+    included) at the price of at most ``TRIM_THRESHOLD_BYTES`` of free memory kept per
+    heap. False where the C library has no ``mallopt`` (musl, macOS): nothing to tune."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
