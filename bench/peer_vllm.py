@@ -12,9 +12,10 @@ single-process (``cleave up --mode single --num-threads 1``), then Cleave disagg
 1 prefill and 1 decode worker running their experts themselves, the router; 1 torch thread
 per worker; ``--disagg-flags "--decode-workers 2 --expert-replicas 2"`` runs the two-core
 layout on it), and, where ``--shapes`` names it, ``disagg-replica``: the same with one
-expert replica (``--expert-replicas 1``), which shows what the expert hop costs. Each server runs under ``taskset -c SERVER_CORE`` (every process it spawns inherits
-that mask) and each client under ``taskset -c CLIENT_CORE``: on a 2-core machine the
-server has core 1 and the client core 0.
+expert replica (``--expert-replicas 1``), which shows what the expert hop costs. Each
+server runs under ``taskset -c SERVER_CORE`` (every process it spawns inherits that mask)
+and each client under ``taskset -c CLIENT_CORE``: on a 2-core machine the server has core
+1 and the client core 0.
 
 Every server is driven, after a short warm-up, by ``vllm bench serve`` (OpenAI
 ``/v1/completions``, streaming; random dataset, ``--input-len`` in / ``--output-len`` out,

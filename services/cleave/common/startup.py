@@ -43,7 +43,7 @@ def keep_freed_memory() -> bool:
     each block above a threshold (128 KiB, rising as such blocks are freed) afresh and
     gives the heap's free top back past another (twice the first): a service that builds
     and drops a message of a few hundred KiB per call, as the KV store does with a
-    request's packed blocks, then faults every page of it in again on each call (~160
+    request's packed blocks, then faults every page of it in again on each call (160–225
     page faults a call, a third of the CPU of a KV store read here; docs/benchmarks.md,
     run M). The thresholds its adjusting would reach at most, fixed from the start (which
     stops the adjusting), end that for every block up to 32 MiB (a burst's activations
