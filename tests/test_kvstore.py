@@ -186,6 +186,7 @@ def packed_message():
     return pb.GetBlocksResponse(chunk=chunks[0], more_chunks=chunks[1:]).SerializeToString()
 def burst_activation():  # a 50-prompt burst's hidden states through a 512-wide layer: 13 MB
     import torch  # after the messages: importing it leaves glibc's thresholds raised
+    torch.set_num_threads(1)  # one worker's torch, as the services run it
     return torch.empty(6400 * 512, dtype=torch.float32).fill_(1.0).sum()
 for name, call in (("packed_message", packed_message), ("burst_activation", burst_activation)):
     for _ in range(10):
@@ -206,11 +207,13 @@ def test_a_serving_process_reuses_the_memory_its_last_call_freed():
         return {name: float(n) for name, n in (line.split() for line in out.stdout.splitlines())}
 
     default, serving = faults_per_call("default"), faults_per_call("serving")
-    # glibc's defaults map each ~300 KB message afresh and fault in every page of it.
+    # glibc's defaults map each ~300 KB message afresh and fault in every page of it and
+    # of its buffers (225-270 faults a message here).
     assert default["packed_message"] > 50
-    assert serving["packed_message"] < 1
-    # Large blocks stay reused too (a threshold below them would map each one afresh).
-    assert serving["burst_activation"] < 1
+    assert serving["packed_message"] < 5
+    # Large blocks stay reused too: a threshold below them would map each one afresh and
+    # fault in all of its 3,200 pages (a clean CI run saw 128 here once, from elsewhere).
+    assert serving["burst_activation"] < 320
 
 
 def test_a_client_keeps_to_a_chunk_a_message_for_a_store_that_does_not_read_packed_puts(kv_blocks):
