@@ -36,8 +36,7 @@ from cleave.engine.kv_transfer import KVBlock
 from cleave.engine.llm_engine import LLMEngine
 from cleave.engine.sampling_params import SamplingParams
 from cleave.expert.client import CALL_SECONDS as EXPERT_CALL_SECONDS, RemoteExpertBackend, model_name
-from cleave.kvstore import index as kvindex
-from cleave.kvstore.client import KVStoreClient, group_by_store, group_for_read
+from cleave.kvstore.client import KVStoreClient, group_by_store, group_for_read, locate
 from cleave.models.config import ModelConfig
 from cleave.models.moe import ExpertBackendError
 from cleave.modelzoo.registry import resolve
@@ -135,16 +134,12 @@ class KVHandoff:
         if not block_hashes or not stores:
             return [], stats
         by_id = {s.instance_id: s for s in stores}
-        owners: list[str | None] = [None] * len(block_hashes)
-        # With one store every block is read from it whatever the index says: the lookup
-        # would only add a Redis round trip to the request's path.
-        if self.redis is not None and len(stores) > 1:
-            try:
-                owners = await kvindex.lookup(self.redis, block_hashes)
-            except Exception as exc:  # the index is advisory; rendezvous still finds most blocks
-                log.warning("KV index lookup failed", extra={"error": str(exc)})
-                stats.num_errors += 1
-        groups = group_for_read(block_hashes, owners, stores)
+        try:
+            groups = await locate(self.redis, block_hashes, stores)
+        except Exception as exc:  # the index is advisory; rendezvous still finds most blocks
+            log.warning("KV index lookup failed", extra={"error": str(exc)})
+            stats.num_errors += 1
+            groups = group_for_read(block_hashes, [None] * len(block_hashes), stores)
         results = await asyncio.gather(
             *(timed_store_call(sid, "get", self.client(by_id[sid].address).get_blocks(hashes, timeout=self.timeout))
               for sid, hashes in groups.items()),

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from cleave.common.grpc_server import channel_options
 from cleave.common.registry import AsyncRegistry, InstanceRecord
 from cleave.kvstore import index as kvindex
+from cleave.kvstore.chunks import chunk_messages
 from cleave.kvstore.backend import StoredBlock
 from cleave.protogen.cleave.v1 import kvstore_pb2 as pb
 from cleave.protogen.cleave.v1 import kvstore_pb2_grpc as pb_grpc
@@ -70,26 +71,9 @@ class KVStoreClient:
         packs = self.packs_puts
 
         def requests():
-            # Chunks packed up to chunk_bytes a message (see PutBlocksRequest.more_chunks).
-            pending: list[pb.KVBlockChunk] = []
-            pending_bytes = 0
-            for block_hash, data in blocks:
-                view = memoryview(data)
-                for offset in range(0, len(data), chunk_bytes):
-                    piece = bytes(view[offset : offset + chunk_bytes])
-                    if pending and (pending_bytes + len(piece) > chunk_bytes or not packs):
-                        yield pb.PutBlocksRequest(chunk=pending[0], more_chunks=pending[1:],
-                                                  pin_ttl_seconds=pin_ttl_seconds)
-                        pending, pending_bytes = [], 0
-                    pending.append(pb.KVBlockChunk(
-                        block_hash=block_hash,
-                        token_ids=token_ids.get(block_hash, ()) if offset == 0 else (),
-                        data=piece,
-                        last=offset + chunk_bytes >= len(data),
-                    ))
-                    pending_bytes += len(piece)
-            if pending:
-                yield pb.PutBlocksRequest(chunk=pending[0], more_chunks=pending[1:], pin_ttl_seconds=pin_ttl_seconds)
+            with_tokens = ((block_hash, data, token_ids.get(block_hash, ())) for block_hash, data in blocks)
+            for chunks, _ in chunk_messages(with_tokens, chunk_bytes, packs):
+                yield pb.PutBlocksRequest(chunk=chunks[0], more_chunks=chunks[1:], pin_ttl_seconds=pin_ttl_seconds)
 
         response = await self.stub.PutBlocks(requests(), timeout=timeout)
         self.packs_puts = response.reads_more_chunks
@@ -165,6 +149,19 @@ def group_by_store(block_hashes: Iterable[int], instances: Sequence[InstanceReco
     return groups
 
 
+async def locate(
+    redis_client: aioredis.Redis | None, block_hashes: Sequence[int], instances: Sequence[InstanceRecord]
+) -> dict[str, list[int]]:
+    """Hashes grouped by the live store to read from (:func:`group_for_read`), asking the
+    KV index only where it can change the answer: with one store every block is read from
+    it whatever the index says, so Redis is not asked (a round trip off the request's
+    path). Raises what the index lookup raises."""
+    owners: Sequence[str | None] = [None] * len(block_hashes)
+    if redis_client is not None and len(instances) > 1:
+        owners = await kvindex.lookup(redis_client, block_hashes)
+    return group_for_read(block_hashes, owners, instances)
+
+
 def group_for_read(
     block_hashes: Sequence[int], owners: Sequence[str | None], instances: Sequence[InstanceRecord]
 ) -> dict[str, list[int]]:
@@ -216,8 +213,7 @@ class KVStorePool:
 
     async def locate(self, block_hashes: Sequence[int]) -> dict[str, list[int]]:
         """Hashes grouped by the live store to ask: the indexed one, else the rendezvous one."""
-        owners = await kvindex.lookup(self.redis, block_hashes)
-        return group_for_read(block_hashes, owners, list(self.instances.values()))
+        return await locate(self.redis, block_hashes, list(self.instances.values()))
 
     async def get_blocks(self, block_hashes: Sequence[int]) -> dict[int, bytes]:
         """The present blocks among ``block_hashes``, from whichever stores hold them."""

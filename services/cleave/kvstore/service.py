@@ -15,6 +15,7 @@ from cleave.common import redis_metrics
 from cleave.common.grpc_server import ServiceServer
 from cleave.common.registry import CLIENT_OPTIONS, AsyncRegistration, AsyncRegistry, InstanceRecord
 from cleave.kvstore.backend import StorageBackend, StoredBlock, StoreFullError
+from cleave.kvstore.chunks import chunk_messages
 from cleave.kvstore.config import KVStoreConfig
 from cleave.kvstore.index import KVIndex
 from cleave.kvstore.memory import MemoryBackend
@@ -129,33 +130,19 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         # Chunks go out packed up to chunk_bytes a message to a reader that takes them
         # (request.packed): a stream message costs both sides more than a block's few
         # tens of kilobytes do.
-        pending: list[pb.KVBlockChunk] = []
-        pending_bytes = 0
         out = self.metrics.transfer_bytes.labels(direction="out")
-        try:
+
+        def present():
             for block_hash in request.block_hashes:
                 block = self.backend.get(block_hash)
-                if block is None:
-                    self._count(False, "get")
-                    continue
-                self._count(True, "get")
-                data = block.data
-                for offset in range(0, len(data), self.chunk_bytes):
-                    piece = data[offset : offset + self.chunk_bytes]
-                    if pending and (pending_bytes + len(piece) > self.chunk_bytes or not request.packed):
-                        yield _get_response(pending)
-                        out.inc(pending_bytes)
-                        pending, pending_bytes = [], 0
-                    pending.append(pb.KVBlockChunk(
-                        block_hash=block_hash,
-                        token_ids=block.token_ids if offset == 0 else (),
-                        data=piece,
-                        last=offset + self.chunk_bytes >= len(data),
-                    ))
-                    pending_bytes += len(piece)
-            if pending:
-                yield _get_response(pending)
-                out.inc(pending_bytes)
+                self._count(block is not None, "get")
+                if block is not None:
+                    yield block_hash, block.data, block.token_ids
+
+        try:
+            for chunks, num_bytes in chunk_messages(present(), self.chunk_bytes, request.packed):
+                yield pb.GetBlocksResponse(chunk=chunks[0], more_chunks=chunks[1:])
+                out.inc(num_bytes)
         finally:
             self.metrics.transfer_seconds.labels(op="get").observe(time.perf_counter() - started)
 
@@ -205,10 +192,6 @@ async def _chunks(requests: AsyncIterator[pb.PutBlocksRequest]) -> AsyncIterator
         for chunk in request.more_chunks:
             yield index, request, chunk
             index += 1
-
-
-def _get_response(chunks: list[pb.KVBlockChunk]) -> pb.GetBlocksResponse:
-    return pb.GetBlocksResponse(chunk=chunks[0], more_chunks=chunks[1:])
 
 
 class KVStoreServer:
