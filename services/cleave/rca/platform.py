@@ -69,24 +69,29 @@ def _gauge(metric: str) -> str:
     return f"sum by (instance_id) (last_over_time({metric}{{$sel}}[$f]))"
 
 
+def _as_callers_see_it(per_caller: str, callee: str) -> str:
+    """A callee's latency as its callers measure it, from ``per_caller`` (one series per
+    callee, ``op`` and caller ``instance_id``): per operation the least caller's, then the
+    slowest operation. A slow callee is slow for every caller of an operation, while an
+    overloaded caller (its CPU, its event loop) inflates what it alone measures. Per
+    operation, because the callers of one may never see the callee slow: a KV store
+    throttled by a stop/continue cycle makes the prefill workers' puts wait, and the decode
+    workers' reads, sent right after a put returned, land in the same running slice; the
+    least over every caller's mean of all its calls was a decode worker's, and hid the
+    store. Without an ``op`` label (expert replicas) it is the least caller's."""
+    return f"max by ({callee}) (min by ({callee}, op) ({per_caller}))"
+
+
 def _callers_mean(metric: str, callee: str) -> str:
-    """A callee's mean latency as its callers measure it: per operation, each caller's
-    mean and then the least of them; then the slowest operation. A slow callee is slow for
-    every caller of an operation, while an overloaded caller (its CPU, its event loop)
-    inflates what it alone measures. Per operation, because the callers of one may never
-    see the callee slow: a KV store throttled by a stop/continue cycle makes the prefill
-    workers' puts wait, and the decode workers' reads, sent right after a put returned,
-    land in the same running slice; the least over every caller's mean of all its calls
-    was a decode worker's, and hid the store. Without an ``op`` label (expert replicas)
-    it is the least of the callers' means."""
-    return (f"max by ({callee}) (min by ({callee}, op) ("
-            f"sum by ({callee}, op, instance_id) (rate({metric}_sum{{$sel}}[$w])) / "
-            f"(sum by ({callee}, op, instance_id) (rate({metric}_count{{$sel}}[$w])) > 0)))")
+    by = f"sum by ({callee}, op, instance_id)"
+    return _as_callers_see_it(
+        f"{by} (rate({metric}_sum{{$sel}}[$w])) / ({by} (rate({metric}_count{{$sel}}[$w])) > 0)", callee)
 
 
 def _callers_p90(metric: str, callee: str) -> str:
-    return (f"max by ({callee}) (min by ({callee}, op) (histogram_quantile(0.9, "
-            f"sum by ({callee}, op, instance_id, le) (rate({metric}_bucket{{$sel}}[$w])))))")
+    return _as_callers_see_it(
+        f"histogram_quantile(0.9, sum by ({callee}, op, instance_id, le) (rate({metric}_bucket{{$sel}}[$w])))",
+        callee)
 
 
 _GENERATE = ',endpoint=~"completions|chat_completions|grpc_generate"'
