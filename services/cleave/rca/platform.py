@@ -69,29 +69,35 @@ def _gauge(metric: str) -> str:
     return f"sum by (instance_id) (last_over_time({metric}{{$sel}}[$f]))"
 
 
-def _as_callers_see_it(per_caller: str, callee: str) -> str:
+def _as_callers_see_it(per_caller: str, callee: str, alike: tuple[str, ...]) -> str:
     """A callee's latency as its callers measure it, from ``per_caller`` (one series per
-    callee, ``op`` and caller ``instance_id``): per operation the least caller's, then the
-    slowest operation. A slow callee is slow for every caller of an operation, while an
-    overloaded caller (its CPU, its event loop) inflates what it alone measures. Per
-    operation, because the callers of one may never see the callee slow: a KV store
-    throttled by a stop/continue cycle makes the prefill workers' puts wait, and the decode
-    workers' reads, sent right after a put returned, land in the same running slice; the
-    least over every caller's mean of all its calls was a decode worker's, and hid the
-    store. Without an ``op`` label (expert replicas) it is the least caller's."""
-    return f"max by ({callee}) (min by ({callee}, op) ({per_caller}))"
+    callee, caller ``instance_id`` and ``alike`` labels): among callers alike the least
+    one's figure, then the slowest group. A slow callee is slow for every caller alike,
+    while an overloaded caller (its CPU, its event loop) inflates only what it measures
+    itself. Alike, for a KV store, is one operation from one role: a request's store calls
+    follow one another (the prefill worker reads, then puts, then a decode worker reads),
+    and a store stopped and continued in a cycle is paid for by the first of them, the
+    later ones landing in the same running slice; the least over all callers of an
+    operation was a decode worker's read, and hid the store. Expert replicas are called in
+    each worker's own forward passes, not one call after another: the least caller's."""
+    return f"max by ({callee}) (min by ({', '.join((callee, *alike))}) ({per_caller}))"
 
 
-def _callers_mean(metric: str, callee: str) -> str:
-    by = f"sum by ({callee}, op, instance_id)"
+def _callers_mean(metric: str, callee: str, alike: tuple[str, ...] = ()) -> str:
+    by = f"sum by ({', '.join((callee, *alike, 'instance_id'))})"
     return _as_callers_see_it(
-        f"{by} (rate({metric}_sum{{$sel}}[$w])) / ({by} (rate({metric}_count{{$sel}}[$w])) > 0)", callee)
+        f"{by} (rate({metric}_sum{{$sel}}[$w])) / ({by} (rate({metric}_count{{$sel}}[$w])) > 0)", callee, alike)
 
 
-def _callers_p90(metric: str, callee: str) -> str:
+def _callers_p90(metric: str, callee: str, alike: tuple[str, ...] = ()) -> str:
+    by = ", ".join((callee, *alike, "instance_id", "le"))
     return _as_callers_see_it(
-        f"histogram_quantile(0.9, sum by ({callee}, op, instance_id, le) (rate({metric}_bucket{{$sel}}[$w])))",
-        callee)
+        f"histogram_quantile(0.9, sum by ({by}) (rate({metric}_bucket{{$sel}}[$w])))", callee, alike)
+
+
+# The KV store's callers alike: one operation, one role (the ``role`` label service
+# discovery puts on every target).
+STORE_CALLERS_ALIKE = ("op", "role")
 
 
 _GENERATE = ',endpoint=~"completions|chat_completions|grpc_generate"'
@@ -142,9 +148,9 @@ SERIES: tuple[SeriesQuery, ...] = (
     SeriesQuery("index_error_rate", _rate("cleave_kvstore_index_errors_total"), ("kvstore",)),
     SeriesQuery("stored_bytes", _gauge("cleave_kvstore_stored_bytes"), ("kvstore",)),
     # ... and as its callers see it (prefill and decode workers, grouped by their `store` label).
-    SeriesQuery("client_latency_seconds", _callers_mean("cleave_kvstore_client_call_seconds", "store"),
+    SeriesQuery("client_latency_seconds", _callers_mean("cleave_kvstore_client_call_seconds", "store", STORE_CALLERS_ALIKE),
                 ("kvstore",), "store"),
-    SeriesQuery("client_latency_p90_seconds", _callers_p90("cleave_kvstore_client_call_seconds", "store"),
+    SeriesQuery("client_latency_p90_seconds", _callers_p90("cleave_kvstore_client_call_seconds", "store", STORE_CALLERS_ALIKE),
                 ("kvstore",), "store"),
     # expert replicas
     SeriesQuery("request_rate", _rate("cleave_expert_request_seconds_count"), ("expert",)),
