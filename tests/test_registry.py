@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from cleave.common import registry as reg
+from cleave.common import redis_metrics, registry as reg
 from cleave.common.registry import (
     AsyncRegistration,
     AsyncRegistry,
@@ -74,6 +74,44 @@ def test_dead_instance_drops_out_within_ttl_and_is_pruned(registry):
     wait_until(lambda: ids(registry.list_instances("decode")) == ["alive"], what="the dead instance to expire")
     assert time.monotonic() - registered_at < 0.3 + 1.0
     assert registry.client.smembers("cleave:instances:decode") == {"alive"}
+
+
+def test_listing_every_role_reads_redis_in_three_round_trips_and_prunes_each_roles_dead(registry, redis_url):
+    """The router lists every role twice a second: one round trip per role and command
+    cost its event loop ~0.25 ms each. Listed in order of role, then id, with the expired
+    records of two roles left out and pruned from their sets in one more round trip."""
+    roles = ("decode", "expert", "kvstore", "prefill", "router")
+    for role in roles:
+        registry.register(InstanceRecord(role, f"{role}-1", "127.0.0.1:1"), ttl=30)
+        registry.register(InstanceRecord(role, f"{role}-0", "127.0.0.1:2"), ttl=30)
+    for role in ("decode", "kvstore"):
+        registry.register(InstanceRecord(role, f"{role}-gone", "127.0.0.1:3"), ttl=0.1)
+    wait_until(lambda: not registry.client.exists("cleave:instance:decode:decode-gone", "cleave:instance:kvstore:kvstore-gone"),
+               what="the short-lived records to expire")
+
+    def count() -> float:  # round trips of this process' measured clients so far
+        return next(s.value for s in redis_metrics.COMMAND_SECONDS.collect()[0].samples if s.name.endswith("_count"))
+
+    async def scenario():
+        registry_ = AsyncRegistry.from_url(redis_url)
+        await registry_.client.ping()  # the connection's own handshake is not the listing's
+        before = count()
+        first = await registry_.list_instances()
+        pruning = count() - before
+        before = count()
+        second = await registry_.list_instances()
+        pruned = count() - before
+        await registry_.close()
+        return first, second, pruning, pruned
+
+    first, second, pruning, pruned = asyncio.run(scenario())
+    expected = [(role, f"{role}-{i}") for role in roles for i in (0, 1)]
+    assert [(r.role, r.instance_id) for r in first] == expected
+    assert [(r.role, r.instance_id) for r in second] == expected
+    assert (pruning, pruned) == (4, 3)
+    assert registry.client.smembers("cleave:instances:decode") == {"decode-0", "decode-1"}
+    assert registry.client.smembers("cleave:instances:kvstore") == {"kvstore-0", "kvstore-1"}
+    assert [(r.role, r.instance_id) for r in registry.list_instances()] == expected
 
 
 def registered(redis_url: str, record: InstanceRecord, **kwargs) -> AsyncRegistration:
