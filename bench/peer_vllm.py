@@ -1,6 +1,6 @@
 """Cleave against vLLM's CPU build on the same seeded tiny MoE checkpoint, driven by vLLM's own client and by our Locust file.
 
-    python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg[,disagg-replica]] [--num-prompts 50]
+    python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg[,disagg-replica,disagg-local]] [--num-prompts 50]
                               [--input-len 128] [--output-len 32] [--locust-users 8] [--locust-time 30]
                               [--server-core 1] [--client-core 0] [--disagg-flags "..."]
                               [--request-rates 20,30] [--rate-prompts 300]
@@ -12,7 +12,10 @@ single-process (``cleave up --mode single --num-threads 1``), then Cleave disagg
 1 prefill and 1 decode worker running their experts themselves, the router; 1 torch thread
 per worker; ``--disagg-flags "--decode-workers 2 --expert-replicas 2"`` runs the two-core
 layout on it), and, where ``--shapes`` names it, ``disagg-replica``: the same with one
-expert replica (``--expert-replicas 1``), which shows what the expert hop costs. Each
+expert replica (``--expert-replicas 1``), which shows what the expert hop costs, and
+``disagg-local``: conditional disaggregation (``--local-prefill-tokens 256``), where the
+decode worker prefills every prompt of 256 tokens or fewer itself, so that at these lengths
+no request takes the prefill worker and the hand-off through the store. Each
 server runs under ``taskset -c SERVER_CORE`` (every process it spawns inherits that mask)
 and each client under ``taskset -c CLIENT_CORE``: on a 2-core machine the server has core
 1 and the client core 0.
@@ -286,6 +289,7 @@ SHAPE_FLAGS = {
     "single": ["--mode", "single", "--num-threads", "1"],
     "disagg": ["--mode", "disaggregated"],
     "disagg-replica": ["--mode", "disaggregated", "--expert-replicas", "1"],
+    "disagg-local": ["--mode", "disaggregated", "--local-prefill-tokens", "256"],
 }
 
 
@@ -334,7 +338,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-mixtral-hd64", help="model-zoo name or model folder")
     parser.add_argument("--shapes", default="single,disagg",
-                        help="Cleave shapes, comma-separated: single, disagg, disagg-replica")
+                        help="Cleave shapes, comma-separated: single, disagg, disagg-replica, disagg-local")
     parser.add_argument("--num-prompts", type=int, default=50)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)

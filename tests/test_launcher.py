@@ -13,7 +13,7 @@ import threading
 import httpx
 import pytest
 
-from cleave.launcher import Supervisor, build_parser, is_alive, size_pools, usable_cores
+from cleave.launcher import Supervisor, build_parser, disaggregated_specs, is_alive, size_pools, usable_cores
 
 
 def free_port() -> int:
@@ -147,6 +147,19 @@ def test_pools_are_sized_to_the_cores_unless_given(cores, argv, pools):
     args, _ = build_parser("up").parse_known_args(argv)
     size_pools(args, cores)
     assert (args.decode_workers, args.expert_replicas) == pools
+
+
+def test_up_hands_the_local_prefill_threshold_to_the_router(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEAVE_HOME", str(tmp_path))
+    for argv, given in (([], "0"), (["--local-prefill-tokens", "256"], "256")):
+        args, extra = build_parser("up").parse_known_args(["--no-events", *argv])
+        size_pools(args, 2)
+        router = next(s for tier in disaggregated_specs(args, tiny_models["mixtral"], extra) for s in tier
+                      if s.name == "router")
+        assert router.argv[router.argv.index("--local-prefill-tokens") + 1] == given
+    from cleave.router.service import RouterConfig
+    with pytest.raises(ValueError, match="local_prefill_tokens must be >= 0"):
+        RouterConfig(local_prefill_tokens=-1)
 
 
 def test_usable_cores_follow_the_affinity_mask():

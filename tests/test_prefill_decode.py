@@ -292,7 +292,6 @@ def test_prefill_rejects_bad_input(cluster, fields, message):
 
 BAD_DECODE = [
     (dict(request_id="r", token_ids=[], num_generated=1), "token_ids is empty"),
-    (dict(request_id="r", token_ids=[1, 2, 3], num_generated=0), "num_generated"),
     (dict(request_id="r", token_ids=[1, 2, 3], num_generated=3), "num_output_tokens"),
     (dict(request_id="r", token_ids=[1, 2, 3], num_generated=2, params=common_pb2.SamplingParams(max_tokens=2)),
      "max_tokens"),
@@ -660,3 +659,62 @@ def test_router_runs_concurrent_requests_on_sessions_and_aborts_one(cluster, hf_
         while server.engine.stats()["num_requests"]:
             assert time.monotonic() < deadline, server.engine.stats()
             time.sleep(0.02)
+
+
+def test_router_sends_short_prompts_straight_to_decode_which_prefills_them_exactly(cluster, hf_model, vocab_size):
+    """Conditional disaggregation: with ``local_prefill_tokens`` 60 a 70-token prompt goes
+    through a prefill worker (its blocks to the store) and prompts of at most 60 go
+    straight to a decode worker, which prefills them itself: no prefill worker sees them,
+    the router counts them, the outputs are exact, and a short prompt that shares the long
+    one's first 48 tokens (three blocks) reuses them (from the store or the decode
+    worker's cache) and says so."""
+    from redis import asyncio as aioredis
+
+    from cleave.router.metrics import RouterMetrics
+    from cleave.router.plugins import parse_pipeline
+    from cleave.router.remote_engine import RemoteEngineClient, RemoteEngineConfig
+    from cleave.router.workers import WorkerPool
+
+    long = mixed_prompts(vocab_size, 1, seed=97, min_len=70, max_len=70)[0]
+    short = [long[:50], *mixed_prompts(vocab_size, 2, seed=98, min_len=20, max_len=60)]
+    max_tokens = 8
+    metrics = RouterMetrics()
+
+    async def route():
+        client = aioredis.from_url(cluster.redis_url)
+        engine = RemoteEngineClient(WorkerPool(client, cluster.model_dir), parse_pipeline("least-loaded"),
+                                    parse_pipeline("least-loaded"), RemoteEngineConfig(local_prefill_tokens=60),
+                                    metrics)
+        await engine.start()
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+        async def run(name: str, prompt: list[int]):
+            return [out async for out in engine.generate(name, prompt, params)]
+
+        try:
+            first = await run("conditional-long", long)
+            rest = await asyncio.gather(*(run(f"conditional-short-{i}", p) for i, p in enumerate(short)))
+        finally:
+            await engine.shutdown()
+            await client.aclose()
+        return [first, *rest]
+
+    def prefilled() -> float:
+        return sum(metric(p.metrics_port, "cleave_prefill_requests_total") for p in cluster.prefill)
+
+    before = prefilled()
+    results = cluster.call(route())
+    assert prefilled() - before == 1
+    assert metric_value(metrics.local_prefills) == 3
+    prompts = [long, *short]
+    outputs = [[t for out in outs for t in out.new_token_ids] for outs in results]
+    assert all(outs[-1].finish_reason == "length" for outs in results)
+    assert_greedy_equal(hf_model, prompts, outputs, max_tokens)
+    assert set(results[0][0].served_by) == {"prefill", "decode"}
+    assert all(set(outs[0].served_by) == {"decode"} for outs in results[1:])
+    assert results[1][-1].num_cached_tokens == 48
+    assert all(out.num_prompt_tokens == len(p) for outs, p in zip(results, prompts) for out in outs)
+
+
+def metric_value(counter) -> float:
+    return next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))

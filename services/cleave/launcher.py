@@ -360,6 +360,7 @@ def disaggregated_specs(args: argparse.Namespace, model_path: Path, extra: list[
     router = cleave_argv(
         "router", *common, "--model", model, "--served-model-name", args.served_model_name or args.model,
         "--port", str(args.port), "--grpc-port", str(args.grpc_port), "--instance-id", "router-0",
+        "--local-prefill-tokens", str(args.local_prefill_tokens),
     )
     info = {**router_info(args, base), "grpc": f"{host}:{args.grpc_port}", "admin": f"{base}/admin/instances"}
     tiers.append([ProcessSpec("router", router, health_url=f"{base}/health", info=info)])
@@ -582,6 +583,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--expert-placement", choices=("layers", "experts"), default="layers",
                             help="what a group holds: whole MoE layers (one expert call per layer per step; the "
                                  "default) or a range of experts of every layer (a call per group per layer)")
+        parser.add_argument("--local-prefill-tokens", type=int, default=0,
+                            help="prompts of at most this many tokens skip the prefill workers: a decode worker "
+                                 "prefills them itself (conditional disaggregation; 0: never)")
         parser.add_argument("--kvstores", type=int, default=1)
         parser.add_argument("--kvstore-capacity-mb", type=float, default=1024.0)
         parser.add_argument("--worker-base-port", type=int, default=50060,
@@ -637,6 +641,8 @@ def check_up_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.expert_replicas < 0 or args.expert_groups < 0:
         parser.error("--expert-replicas and --expert-groups must be >= 0")
+    if args.local_prefill_tokens < 0:
+        parser.error("--local-prefill-tokens must be >= 0")
     if args.expert_groups > args.expert_replicas:
         parser.error("--expert-groups must be <= --expert-replicas: every group needs a replica")
     for name, limit in (("prefill_workers", 10), ("decode_workers", 10), ("kvstores", 10), ("expert_replicas", 10)):

@@ -138,8 +138,6 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         try:
             token_ids = request_tokens(request.request_id, request.token_ids,
                                        "send the prompt and the tokens generated so far")
-            if request.num_generated < 1:
-                raise ValueError("num_generated must be >= 1: decode continues a prefilled request")
             params = params_from_proto(request.params)
             engine.validate(token_ids, params, request.num_generated)
             hashes = engine.block_hashes(token_ids)
@@ -167,17 +165,19 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         try:
             async for output in stream:
                 metrics.generated_tokens.inc(len(output.new_token_ids))
-                if first:
-                    metrics.cached_tokens.inc(output.num_cached_tokens)
-                    first = False
-                if output.finished:
-                    outcome = "ok"  # the caller may close the call as soon as it has the last token
-                yield pb.DecodeResponse(
+                item = pb.DecodeResponse(
                     request_id=request.request_id,
                     token_ids=output.new_token_ids,
                     logprobs=output.new_logprobs,
                     finish_reason=FINISH_REASONS[output.finish_reason] if output.finished else 0,
                 )
+                if first:
+                    metrics.cached_tokens.inc(output.num_cached_tokens)
+                    item.num_cached_tokens = output.num_cached_tokens
+                    first = False
+                if output.finished:
+                    outcome = "ok"  # the caller may close the call as soon as it has the last token
+                yield item
             outcome = "ok"
         except ValueError as exc:
             outcome = "invalid"

@@ -87,6 +87,10 @@ class RouterMetrics:
         self.resumed = Counter(
             "cleave_router_decode_resumes", "Requests resumed on another decode worker mid-stream", registry=r
         )
+        self.local_prefills = Counter(
+            "cleave_router_local_prefills", "Requests sent straight to a decode worker, which prefilled them itself "
+            "(prompts of at most local_prefill_tokens)", registry=r,
+        )
         self.queue_wait = Histogram(
             "cleave_router_queue_wait_seconds", "From arrival to dispatch to the engine (admission, tokenizing)",
             buckets=_LATENCY_BUCKETS, registry=r,

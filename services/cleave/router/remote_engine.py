@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncGenerator
 
@@ -58,6 +59,7 @@ class RemoteEngineConfig:
     prefill_timeout: float = 120.0
     decode_timeout: float = 600.0
     fallback_max_model_len: int = 2048
+    local_prefill_tokens: int = 0  # prompts this short go straight to a decode worker; 0: none
 
 
 class RemoteEngineClient:
@@ -195,6 +197,20 @@ class RemoteEngineClient:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[RequestOutput, None]:
         prompt = list(prompt_token_ids)
+        if len(prompt) <= self.config.local_prefill_tokens:
+            # Conditional disaggregation: a short prompt costs a prefill worker a forward
+            # pass of its own and the hand-off through the store more than it costs a
+            # decode worker, which prefills it within a step of its running batch.
+            ctx = RoutingContext("decode", request_id, prompt, lookup_stored=self.pool.lookup_stored)
+            decode_worker = await self._choose(self.decode_pipeline, ctx)
+            if self.metrics is not None:
+                self.metrics.local_prefills.inc()
+            async with aclosing(self._relay(request_id, prompt, [], [], params, decode_worker, ctx,
+                                            {"decode": decode_worker.instance_id}, None)) as outputs:
+                async for output in outputs:
+                    yield output
+            return
+
         prefill_started = time.perf_counter()
         prefill_worker, first, prefill_call = await self._prefill(request_id, prompt, params)
         try:
@@ -223,9 +239,21 @@ class RemoteEngineClient:
                 return
         finally:
             self._end_prefill(request_id, prefill_worker, prefill_call, len(prompt))
+        async with aclosing(self._relay(request_id, prompt, generated, block_hashes, params, decode_worker, ctx,
+                                        served_by, first.num_cached_tokens, announce=False)) as outputs:
+            async for output in outputs:
+                yield output
 
+    async def _relay(
+        self, request_id: str, prompt: list[int], generated: list[int], block_hashes: list[int],
+        params: SamplingParams, decode_worker: Candidate, ctx: RoutingContext, served_by: dict[str, str],
+        num_cached: int | None, announce: bool = True,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The decode stream of a request with ``generated`` tokens so far, relayed; a decode
+        worker that fails is replaced by another that resumes from every token relayed.
+        ``num_cached``: the prompt tokens reused, None to take the decode worker's count
+        (it prefills the prompt itself); ``announce``: the next output names ``served_by``."""
         failures: list[str] = []
-        resumed = False
         while True:
             request = decode_pb2.DecodeRequest(
                 request_id=request_id, token_ids=prompt + generated, block_hashes=block_hashes,
@@ -237,21 +265,22 @@ class RemoteEngineClient:
             self._calls[request_id] = call
             try:
                 while (item := await call.read()) is not grpc.aio.EOF:
+                    if num_cached is None:
+                        num_cached = item.num_cached_tokens
                     generated.extend(item.token_ids)
                     finish = FINISH_REASONS.get(item.finish_reason)
                     yield RequestOutput(
                         request_id, list(item.token_ids), list(item.logprobs), finish is not None, finish,
-                        len(prompt), len(generated), first.num_cached_tokens, dict(served_by) if resumed else {},
+                        len(prompt), len(generated), num_cached, dict(served_by) if announce else {},
                     )
-                    resumed = False
+                    announce = False
                     if finish is not None:
                         return
                 raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the decode stream ended before the request finished")
             except asyncio.CancelledError:
                 if self._aborted.pop(request_id, None) is None:
                     raise
-                yield RequestOutput(request_id, [], [], True, "abort", len(prompt), len(generated),
-                                    first.num_cached_tokens)
+                yield RequestOutput(request_id, [], [], True, "abort", len(prompt), len(generated), num_cached or 0)
                 return
             except grpc.RpcError as exc:
                 if exc.code() in CALLER_ERRORS:
@@ -265,7 +294,7 @@ class RemoteEngineClient:
                 ctx.exclude = ctx.exclude | {worker.instance_id}
                 decode_worker = await self._choose(self.decode_pipeline, ctx, failures)
                 served_by["decode"] = decode_worker.instance_id
-                resumed = True
+                announce = True
                 self.events.resumed(request_id, worker.instance_id, decode_worker.instance_id, len(generated))
                 if self.metrics is not None:
                     self.metrics.resumed.inc()

@@ -50,6 +50,9 @@ class RouterConfig:
     decode_routing: str = field(default="least-loaded", metadata={"help": "decode pipeline, same form as prefill_routing"})
     prefix_cache_blocks: int = field(default=100_000, metadata={"help": "blocks per worker the kv-aware scorer remembers"})
     max_attempts: int = field(default=3, metadata={"help": "workers tried per stage before a request fails with 503"})
+    local_prefill_tokens: int = field(default=0, metadata={
+        "help": "a prompt of at most this many tokens goes straight to a decode worker, which prefills it itself "
+                "(conditional disaggregation); 0: every prompt goes to a prefill worker"})
     prefill_timeout_seconds: float = field(default=120.0, metadata={"help": "deadline of one prefill call"})
     decode_timeout_seconds: float = field(default=600.0, metadata={"help": "deadline of one decode stream"})
     refresh_seconds: float = field(default=0.5, metadata={"help": "how often the registry is re-read"})
@@ -75,6 +78,8 @@ class RouterConfig:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.timeout_graceful_shutdown < 0:
             raise ValueError("timeout_graceful_shutdown must be >= 0")
+        if self.local_prefill_tokens < 0:
+            raise ValueError(f"local_prefill_tokens must be >= 0, not {self.local_prefill_tokens}")
         if not self.redis_url:
             raise ValueError("redis_url is required: the router finds its workers in the registry")
         for name in ("prefill_routing", "decode_routing"):
@@ -126,7 +131,7 @@ def build_app(config: RouterConfig, model_path: Path):
         parse_pipeline(config.prefill_routing, prefix_capacity=config.prefix_cache_blocks),
         parse_pipeline(config.decode_routing, prefix_capacity=config.prefix_cache_blocks),
         RemoteEngineConfig(config.max_attempts, config.prefill_timeout_seconds, config.decode_timeout_seconds,
-                           context_length(model_path)),
+                           context_length(model_path), config.local_prefill_tokens),
         metrics,
         events=RequestEvents(publisher, ROLE, config.instance_id),
     )
@@ -143,7 +148,7 @@ def build_app(config: RouterConfig, model_path: Path):
         record = InstanceRecord(ROLE, config.instance_id, grpc_server.address, capabilities={
             "model": config.model, "served_model_name": config.served_model_name,
             "http": f"{config.host}:{config.port}", "prefill_routing": config.prefill_routing,
-            "decode_routing": config.decode_routing,
+            "decode_routing": config.decode_routing, "local_prefill_tokens": config.local_prefill_tokens,
         })
         await grpc_server.register(AsyncRegistry(redis_client), record, config.registry_ttl_seconds)
         await pool.refresh()  # list ourselves from the first /admin/instances on
