@@ -4,10 +4,11 @@ decode worker chosen per request, joined by the KV store (docs/prefill-decode.md
 One request: route a prefill worker, ``Prefill`` (the prompt's KV goes to the store, the
 first token comes back), route a decode worker of the same block hashes and relay its
 stream, which rides the router's one ``Session`` call to that worker
-(:mod:`cleave.router.decode_sessions`). A worker that fails before answering is set aside and the call goes to
-another; a decode worker that dies mid-stream is replaced by another that resumes from
-the stored blocks and every token already relayed, so the client sees one unbroken,
-identical stream. ``INVALID_ARGUMENT`` from a worker is the caller's fault and becomes a
+(:mod:`cleave.router.decode_sessions`); a prompt of at most ``local_prefill_tokens`` goes
+straight to a decode worker, which prefills it itself (conditional disaggregation). A
+worker that fails before answering is set aside and the call goes to another; a decode
+worker that dies mid-stream is replaced by another that resumes from the stored blocks and
+every token already relayed, so the client sees one unbroken, identical stream. ``INVALID_ARGUMENT`` from a worker is the caller's fault and becomes a
 ``ValueError`` (HTTP 400); running out of workers is :class:`ServiceUnavailableError`
 (HTTP 503)."""
 
