@@ -28,7 +28,8 @@ prompts at once (unbounded request rate, no concurrency cap), then at each of
 rate: the same offered load for every server); then by a headless run of
 loadtest/locustfile.py (``--shape fixed`` at the same lengths, ``--locust-users`` users for
 ``--locust-time`` seconds). The figures: output tokens/s, mean/p99 TTFT and TPOT (Locust:
-inter-token latency, its percentiles rounded as Locust rounds them), and the ratios
+also the gap between streamed chunks, ITL, and the tokens per chunk; its percentiles rounded
+as Locust rounds them), and the ratios
 Cleave/vLLM. A stage that fails is reported and left blank; the others still run.
 
 Each stage also reads the CPU time (``utime + stime`` in ``/proc``) of every process pinned
@@ -72,12 +73,15 @@ METRICS = (  # result key, label, lower is better
 )
 LOADS = (("c=1", ["--max-concurrency", "1", "--request-rate", "inf"]),
          ("unbounded", ["--request-rate", "inf"]))
-LOCUST_METRICS = (  # the same keys, as Locust measures them
+LOCUST_METRICS = (  # the same keys, as Locust measures them, and its gaps between chunks
     ("output_throughput", "output tok/s", False),
     ("mean_ttft_ms", "TTFT mean ms", True),
     ("p99_ttft_ms", "TTFT p99 ms", True),
-    ("mean_tpot_ms", "ITL mean ms", True),
-    ("p99_tpot_ms", "ITL p99 ms", True),
+    ("mean_tpot_ms", "TPOT mean ms", True),
+    ("p99_tpot_ms", "TPOT p99 ms", True),
+    ("mean_itl_ms", "ITL mean ms", True),
+    ("p99_itl_ms", "ITL p99 ms", True),
+    ("tokens_per_chunk", "tokens per chunk", False),
     ("completed", "requests", False),
 )
 
@@ -240,6 +244,7 @@ def locust_run(base_url: str, name: str, args, result_dir: Path, tag: str, vocab
         with open(f"{prefix}_tokens.csv") as tokens:
             (tally,) = [row for row in csv.DictReader(tokens) if row["Name"] == "fixed"]
         ttft, itl, e2e = rows[("TTFT", "fixed")], rows[("ITL", "fixed")], rows[("E2E", "fixed")]
+        tpot = rows[("TPOT", "fixed")]
     except (OSError, KeyError, ValueError) as exc:
         raise RuntimeError(f"locust ({result.returncode}) left no statistics ({exc}):\n{result.stdout[-3000:]}\n"
                            f"{result.stderr[-3000:]}") from exc
@@ -248,7 +253,10 @@ def locust_run(base_url: str, name: str, args, result_dir: Path, tag: str, vocab
         raise RuntimeError(f"locust exited {result.returncode} with {failures} failures:\n{result.stderr[-3000:]}")
     return {"output_throughput": float(tally["Output Tokens/s"]),
             "mean_ttft_ms": float(ttft["Average Response Time"]), "p99_ttft_ms": float(ttft["99%"]),
-            "mean_tpot_ms": float(itl["Average Response Time"]), "p99_tpot_ms": float(itl["99%"]),
+            "mean_tpot_ms": float(tpot["Average Response Time"]), "p99_tpot_ms": float(tpot["99%"]),
+            "mean_itl_ms": float(itl["Average Response Time"]), "p99_itl_ms": float(itl["99%"]),
+            # Every request's first chunk is its TTFT, each later one an ITL gap.
+            "tokens_per_chunk": int(tally["Output Tokens"]) / (int(itl["Request Count"]) + int(e2e["Request Count"])),
             "completed": int(e2e["Request Count"]), "total_output_tokens": int(tally["Output Tokens"])}
 
 
@@ -275,7 +283,7 @@ def drive(side: str, base_url: str, name: str, model_dir: Path, args, result_dir
         f["cpu_ms_per_token"] = cpu_per_token(cpu_before, server_cpu(args.server_core),
                                               int(f.get("total_output_tokens") or 0))
         print(f"  {side} {label}: {f['output_throughput']:.1f} tok/s, TTFT mean {f['mean_ttft_ms']:.1f} ms, "
-              f"TPOT/ITL mean {f['mean_tpot_ms']:.2f} ms, server CPU {f['cpu_ms_per_token'].get('total', 0):.2f} "
+              f"TPOT mean {f['mean_tpot_ms']:.2f} ms, server CPU {f['cpu_ms_per_token'].get('total', 0):.2f} "
               f"ms/token ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     return figures
 

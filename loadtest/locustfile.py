@@ -1,7 +1,8 @@
 """Locust load test of Cleave: users that stream from the OpenAI REST API (or, with
 --grpc-host, from cleave.v1.Generate) and record, per workload shape, time to first token
-(request type TTFT), the gap between streamed chunks (ITL) and the whole request (E2E) as
-Locust statistics, plus output tokens/s. See docs/loadtest.md.
+(request type TTFT), the gap between streamed chunks (ITL), the time per output token after
+the first (TPOT) and the whole request (E2E) as Locust statistics, plus output tokens/s. See
+docs/loadtest.md.
 
     python -m locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8000 \
         -u 4 -r 4 -t 60s --shape random --csv loadtest/results/random --html loadtest/results/random.html
@@ -132,7 +133,7 @@ class StreamTimer:
     def __init__(self, environment, name: str) -> None:
         self.fire = environment.events.request.fire
         self.name = name
-        self.start = self.last = time.perf_counter()
+        self.start = self.last = self.first = time.perf_counter()
         self.num_tokens = 0
         self.num_chunks = 0
 
@@ -144,6 +145,8 @@ class StreamTimer:
         """A streamed chunk carrying num_tokens output tokens arrived."""
         now = time.perf_counter()
         self._event("TTFT" if self.num_chunks == 0 else "ITL", now - (self.start if self.num_chunks == 0 else self.last))
+        if self.num_chunks == 0:
+            self.first = now
         self.last = now
         self.num_chunks += 1
         self.num_tokens += num_tokens
@@ -153,7 +156,12 @@ class StreamTimer:
         if self.num_chunks == 0:
             self.failed(RuntimeError("the stream ended without a token"))
             return
-        self._event("E2E", time.perf_counter() - self.start, tokens)
+        now = time.perf_counter()
+        # Per token, as `vllm bench serve` computes TPOT: a server that sends two tokens in
+        # one chunk shows one long ITL gap where its tokens came no slower.
+        if tokens > 1:
+            self._event("TPOT", (now - self.first) / (tokens - 1))
+        self._event("E2E", now - self.start, tokens)
         TALLY.tokens[self.name] += tokens
         TALLY.requests[self.name] += 1
 

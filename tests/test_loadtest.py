@@ -55,17 +55,26 @@ def assert_streamed(rows: dict, name: str) -> None:
     assert int(tokens["Output Tokens"]) > 0 and float(tokens["Output Tokens/s"]) > 0, tokens
 
 
+def assert_tpot_per_request(rows: dict, name: str) -> None:
+    """One TPOT sample per request (each of these has more than one output token)."""
+    tpot, e2e = rows[("TPOT", name)], rows[("E2E", name)]
+    assert int(tpot["Request Count"]) == int(e2e["Request Count"]) > 0, (tpot, e2e)
+    assert int(tpot["Failure Count"]) == 0 and float(tpot["Average Response Time"]) > 0, tpot
+
+
 def test_rest_users_stream_fixed_lengths_without_failures(platform, tmp_path):
     rows = run_locust(platform, tmp_path, "--shape", "fixed", "--prompt-tokens", "48", "--output-tokens", "8")
     assert_streamed(rows, "fixed")
     # E2E's content size is the output tokens of a request: ignore_eos makes it exact.
     assert float(rows[("E2E", "fixed")]["Average Content Size"]) == 8
+    assert_tpot_per_request(rows, "fixed")
 
 
 def test_grpc_users_stream_through_generate(platform, tmp_path):
     rows = run_locust(platform, tmp_path, "--grpc-host", f"127.0.0.1:{platform.grpc_port}", "--shape", "random",
                       "--prompt-tokens-range", "16:48", "--output-tokens-range", "4:8", users=2, seconds=10)
     assert_streamed(rows, "grpc/random")
+    assert_tpot_per_request(rows, "grpc/random")
 
 
 @pytest.mark.skipif(not TRACE.is_file(), reason="the Mooncake trace is not beside the repository")

@@ -524,7 +524,7 @@ def test_session_serves_many_requests_exactly_in_shared_batches(cluster, hf_mode
     for request in requests:
         session.start(request)
     # One bad request among them fails alone.
-    session.start(decode_pb2.DecodeRequest(request_id="session-bad", token_ids=[1, 2], num_generated=0))
+    session.start(decode_pb2.DecodeRequest(request_id="session-bad", token_ids=[1, 2], num_generated=2))
     session.close()
     batches = list(session.batches)  # ends, OK, once every request is done
     for batch in batches:
@@ -534,7 +534,7 @@ def test_session_serves_many_requests_exactly_in_shared_batches(cluster, hf_mode
                 finish[item.request_id] = item.finish_reason
     errors = [error for batch in batches for error in batch.errors]
     assert [(e.request_id, e.code) for e in errors] == [("session-bad", grpc.StatusCode.INVALID_ARGUMENT.value[0])]
-    assert "num_generated" in errors[0].message
+    assert "num_output_tokens" in errors[0].message
     assert finish == {r.request_id: common_pb2.FINISH_REASON_LENGTH for r in requests}
     assert "session-bad" not in tokens
     assert_greedy_equal(hf_model, prompts, [tokens[r.request_id] for r in requests], max_tokens)
