@@ -380,7 +380,9 @@ async def test_paused_changes_nothing_until_resumed(api: ApiServer) -> None:
         await eventually(lambda: handled(api, "smol"), "the update handled")
         await eventually(lambda: condition(get(api, LLMD, "smol"), "Progressing").get("reason") == "Paused", "Paused")
         assert objects(api, DEPLOYMENTS) == before
-        assert any(e["reason"] == "Paused" for e in posted_events(api))
+        # kopf posts events from a task of its own, after the status patch.
+        await eventually(lambda: any(e["reason"] == "Paused" for e in posted_events(api)), "the Paused event")
+        assert objects(api, DEPLOYMENTS) == before
         await patch_spec(api, "smol", {"paused": False})
         await eventually(lambda: get(api, DEPLOYMENTS, "smol-decode")["spec"]["replicas"] == 4, "the unpause")
 
