@@ -144,9 +144,11 @@ class StreamTimer:
     def chunk(self, num_tokens: int) -> None:
         """A streamed chunk carrying num_tokens output tokens arrived."""
         now = time.perf_counter()
-        self._event("TTFT" if self.num_chunks == 0 else "ITL", now - (self.start if self.num_chunks == 0 else self.last))
         if self.num_chunks == 0:
             self.first = now
+            self._event("TTFT", now - self.start)
+        else:
+            self._event("ITL", now - self.last)
         self.last = now
         self.num_chunks += 1
         self.num_tokens += num_tokens

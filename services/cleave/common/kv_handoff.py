@@ -36,7 +36,7 @@ from cleave.engine.kv_transfer import KVBlock
 from cleave.engine.llm_engine import LLMEngine
 from cleave.engine.sampling_params import SamplingParams
 from cleave.expert.client import CALL_SECONDS as EXPERT_CALL_SECONDS, RemoteExpertBackend, model_name
-from cleave.kvstore.client import KVStoreClient, group_by_store, group_for_read, locate
+from cleave.kvstore.client import KVStoreClient, group_by_store, locate
 from cleave.models.config import ModelConfig
 from cleave.models.moe import ExpertBackendError
 from cleave.modelzoo.registry import resolve
@@ -139,7 +139,7 @@ class KVHandoff:
         except Exception as exc:  # the index is advisory; rendezvous still finds most blocks
             log.warning("KV index lookup failed", extra={"error": str(exc)})
             stats.num_errors += 1
-            groups = group_for_read(block_hashes, [None] * len(block_hashes), stores)
+            groups = group_by_store(block_hashes, stores)
         results = await asyncio.gather(
             *(timed_store_call(sid, "get", self.client(by_id[sid].address).get_blocks(hashes, timeout=self.timeout))
               for sid, hashes in groups.items()),

@@ -98,6 +98,16 @@ def _delete(pipe: Any, role: str, instance_id: str) -> None:
     pipe.srem(members_key(role), instance_id)
 
 
+def _ask_members(pipe: Any, roles: list[str]) -> None:
+    for role in roles:
+        pipe.smembers(members_key(role))
+
+
+def _prune(pipe: Any, dead: dict[str, list[str]]) -> None:
+    for role, gone in dead.items():
+        pipe.srem(members_key(role), *gone)
+
+
 def _text(value: str | bytes) -> str:
     # Callers may hand in clients without decode_responses.
     return value.decode() if isinstance(value, bytes) else value
@@ -152,15 +162,13 @@ class Registry:
         """Live instances of ``role`` (of every role if None), ordered by role then id."""
         roles = [role] if role else sorted(map(_text, self.client.smembers(ROLES_KEY)))
         with self.client.pipeline(transaction=False) as pipe:
-            for each in roles:
-                pipe.smembers(members_key(each))
+            _ask_members(pipe, roles)
             ids = _ids_by_role(roles, pipe.execute())
         keys = _keys(ids)
         records, dead = _parse_live(ids, self.client.mget(keys) if keys else [])
         if dead:
             with self.client.pipeline(transaction=False) as pipe:
-                for each, gone in dead.items():
-                    pipe.srem(members_key(each), *gone)
+                _prune(pipe, dead)
                 pipe.execute()
         return records
 
@@ -194,15 +202,13 @@ class AsyncRegistry:
         # twice a second, and each redis-py command costs its event loop ~0.25 ms of CPU.
         roles = [role] if role else sorted(map(_text, await self.client.smembers(ROLES_KEY)))
         async with self.client.pipeline(transaction=False) as pipe:
-            for each in roles:
-                pipe.smembers(members_key(each))
+            _ask_members(pipe, roles)
             ids = _ids_by_role(roles, await pipe.execute())
         keys = _keys(ids)
         records, dead = _parse_live(ids, await self.client.mget(keys) if keys else [])
         if dead:
             async with self.client.pipeline(transaction=False) as pipe:
-                for each, gone in dead.items():
-                    pipe.srem(members_key(each), *gone)
+                _prune(pipe, dead)
                 await pipe.execute()
         return records
 

@@ -156,10 +156,9 @@ async def locate(
     KV index only where it can change the answer: with one store every block is read from
     it whatever the index says, so Redis is not asked (a round trip off the request's
     path). Raises what the index lookup raises."""
-    owners: Sequence[str | None] = [None] * len(block_hashes)
-    if redis_client is not None and len(instances) > 1:
-        owners = await kvindex.lookup(redis_client, block_hashes)
-    return group_for_read(block_hashes, owners, instances)
+    if redis_client is None or len(instances) <= 1:
+        return group_by_store(block_hashes, instances)
+    return group_for_read(block_hashes, await kvindex.lookup(redis_client, block_hashes), instances)
 
 
 def group_for_read(

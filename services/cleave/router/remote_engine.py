@@ -206,49 +206,46 @@ class RemoteEngineClient:
             decode_worker = await self._choose(self.decode_pipeline, ctx)
             if self.metrics is not None:
                 self.metrics.local_prefills.inc()
-            async with aclosing(self._relay(request_id, prompt, [], [], params, decode_worker, ctx,
-                                            {"decode": decode_worker.instance_id}, None)) as outputs:
-                async for output in outputs:
-                    yield output
-            return
+            generated, block_hashes, served_by = [], [], {"decode": decode_worker.instance_id}
+            num_cached, announce = None, True  # the decode worker counts and names itself
+        else:
+            prefill_started = time.perf_counter()
+            prefill_worker, first, prefill_call = await self._prefill(request_id, prompt, params)
+            num_cached, announce = first.num_cached_tokens, False  # the first token named the workers
+            try:
+                self.events.prefill_done(request_id, prefill_worker.instance_id, num_cached,
+                                         time.perf_counter() - prefill_started)
+                served_by = {"prefill": prefill_worker.instance_id}
+                generated = [first.first_token_id]
+                logprobs = [first.logprob] if params.logprobs else []
+                finish = FINISH_REASONS.get(first.finish_reason)
+                if finish is not None:
+                    yield RequestOutput(request_id, generated, logprobs, True, finish, len(prompt), 1,
+                                        num_cached, served_by)
+                    return
 
-        prefill_started = time.perf_counter()
-        prefill_worker, first, prefill_call = await self._prefill(request_id, prompt, params)
-        try:
-            self.events.prefill_done(request_id, prefill_worker.instance_id, first.num_cached_tokens,
-                                     time.perf_counter() - prefill_started)
-            served_by = {"prefill": prefill_worker.instance_id}
-            generated = [first.first_token_id]
-            logprobs = [first.logprob] if params.logprobs else []
-            finish = FINISH_REASONS.get(first.finish_reason)
-            if finish is not None:
-                yield RequestOutput(request_id, generated, logprobs, True, finish, len(prompt), 1,
-                                    first.num_cached_tokens, served_by)
-                return
-
-            ctx = RoutingContext("decode", request_id, prompt + generated, lookup_stored=self.pool.lookup_stored,
-                                 root_hash=str(prefill_worker.record.capabilities.get("root_hash")))
-            decode_worker = await self._choose(self.decode_pipeline, ctx)
-            served_by["decode"] = decode_worker.instance_id
-            # The first token goes out while the prefill worker puts the prompt's blocks.
-            yield RequestOutput(request_id, list(generated), logprobs, False, None, len(prompt), 1,
-                                first.num_cached_tokens, dict(served_by))
-            block_hashes = await self._stored_blocks(request_id, prefill_worker, prefill_call)
-            if block_hashes is None:
-                yield RequestOutput(request_id, [], [], True, "abort", len(prompt), len(generated),
-                                    first.num_cached_tokens)
-                return
-        finally:
-            self._end_prefill(request_id, prefill_worker, prefill_call, len(prompt))
+                ctx = RoutingContext("decode", request_id, prompt + generated, lookup_stored=self.pool.lookup_stored,
+                                     root_hash=str(prefill_worker.record.capabilities.get("root_hash")))
+                decode_worker = await self._choose(self.decode_pipeline, ctx)
+                served_by["decode"] = decode_worker.instance_id
+                # The first token goes out while the prefill worker puts the prompt's blocks.
+                yield RequestOutput(request_id, list(generated), logprobs, False, None, len(prompt), 1,
+                                    num_cached, dict(served_by))
+                block_hashes = await self._stored_blocks(request_id, prefill_worker, prefill_call)
+                if block_hashes is None:
+                    yield RequestOutput(request_id, [], [], True, "abort", len(prompt), len(generated), num_cached)
+                    return
+            finally:
+                self._end_prefill(request_id, prefill_worker, prefill_call, len(prompt))
         async with aclosing(self._relay(request_id, prompt, generated, block_hashes, params, decode_worker, ctx,
-                                        served_by, first.num_cached_tokens, announce=False)) as outputs:
+                                        served_by, num_cached, announce)) as outputs:
             async for output in outputs:
                 yield output
 
     async def _relay(
         self, request_id: str, prompt: list[int], generated: list[int], block_hashes: list[int],
         params: SamplingParams, decode_worker: Candidate, ctx: RoutingContext, served_by: dict[str, str],
-        num_cached: int | None, announce: bool = True,
+        num_cached: int | None, announce: bool,
     ) -> AsyncGenerator[RequestOutput, None]:
         """The decode stream of a request with ``generated`` tokens so far, relayed; a decode
         worker that fails is replaced by another that resumes from every token relayed.
