@@ -161,3 +161,53 @@ def test_repeated_long_prompt_reports_cached_tokens(openai_client):
     again = complete(openai_client, prompt=prompt, max_tokens=2, temperature=0)
     cached = again.usage.prompt_tokens_details.cached_tokens
     assert 0 < cached <= again.usage.prompt_tokens
+
+
+class OneTokenAtATimeEngine:
+    """Streams the given token ids one output each, as the engine does for a client that
+    keeps up with its steps (the real engine merges outputs for a client that lags, so it
+    cannot pin one chunk per token)."""
+
+    max_model_len = 1024
+    is_running = True
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        from cleave.engine.outputs import RequestOutput
+
+        for i, token_id in enumerate(self.token_ids, start=1):
+            last = i == len(self.token_ids)
+            yield RequestOutput(request_id, [token_id], finished=last, finish_reason="length" if last else None,
+                                num_prompt_tokens=len(prompt_token_ids), num_output_tokens=i)
+
+    async def abort(self, request_id):
+        pass
+
+
+def test_a_token_that_ends_inside_a_character_streams_as_a_chunk_without_text(api_server, serve_app):
+    import openai
+
+    from cleave.router.app import create_app
+
+    text = "naïve 🙂 robot"
+    tokenizer = api_server.tokenizer
+    token_ids = tokenizer.encode(text)
+    inside = [tokenizer.decode(token_ids[:i]).endswith("\ufffd") for i in range(1, len(token_ids) + 1)]
+    assert sum(inside) == 4  # the first byte of ï and three of 🙂's four
+    app = create_app(OneTokenAtATimeEngine(token_ids), tokenizer, "tiny-llama", api_server.model_path)
+    with serve_app(app) as root_url:
+        client = openai.OpenAI(base_url=f"{root_url}/v1", api_key="unused", max_retries=0, timeout=60)
+        _, finish, chunks = stream_text(client, max_tokens=len(token_ids))
+        chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=len(token_ids), stream=True)
+        chat_texts = [c.choices[0].delta.content for c in chat if c.choices and c.choices[0].delta.content is not None]
+    # A completion chunk per token, as vLLM streams them: empty while a character is incomplete.
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert [t == "" for t in texts] == inside
+    assert "".join(texts) == text and not any("\ufffd" in t for t in texts)
+    assert finish == ["length"]
+    # Chat sends a chunk only with text (after the role's empty one): each character whole.
+    assert chat_texts[0] == "" and all(chat_texts[1:])
+    assert "".join(chat_texts) == text and not any("\ufffd" in t for t in chat_texts)

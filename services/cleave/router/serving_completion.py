@@ -64,7 +64,9 @@ class OpenAIServingCompletion(OpenAIServing):
         include_usage = request.include_usage
         async with aclosing(generation.stream()) as deltas:
             async for delta in deltas:
-                if not delta.text and delta.finish_reason is None and not (request.logprobs is not None and delta.token_ids):
+                # A token whose text ends inside a character still gets its chunk, with no
+                # text (as vLLM streams it): the client sees each token when it is made.
+                if not delta.text and delta.finish_reason is None and not delta.token_ids:
                     continue
                 logprobs = None
                 if request.logprobs is not None:
