@@ -203,11 +203,11 @@ def test_a_token_that_ends_inside_a_character_streams_as_a_chunk_without_text(ap
         chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=len(token_ids), stream=True)
         chat_texts = [c.choices[0].delta.content for c in chat if c.choices and c.choices[0].delta.content is not None]
-    # A completion chunk per token, as vLLM streams them: empty while a character is incomplete.
+    # A chunk per token, as vLLM streams them: empty while a character is incomplete.
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert [t == "" for t in texts] == inside
     assert "".join(texts) == text and not any("\ufffd" in t for t in texts)
     assert finish == ["length"]
-    # Chat sends a chunk only with text (after the role's empty one): each character whole.
-    assert chat_texts[0] == "" and all(chat_texts[1:])
+    assert chat_texts[0] == ""  # the role's chunk
+    assert [t == "" for t in chat_texts[1:]] == inside
     assert "".join(chat_texts) == text and not any("\ufffd" in t for t in chat_texts)

@@ -86,7 +86,9 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs = None
                 if request.logprobs and delta.token_ids:
                     logprobs = self._logprobs(request, delta.token_ids, delta.logprobs)
-                if delta.text or logprobs is not None:
+                # A chunk per engine output, empty while a character is incomplete, as
+                # vLLM streams them (and as completions do).
+                if delta.text or delta.token_ids:
                     yield chunk(DeltaMessage(content=delta.text), logprobs=logprobs)
                 if delta.finish_reason is not None:
                     yield chunk(DeltaMessage(), finish_reason=delta.finish_reason)
