@@ -211,3 +211,24 @@ def test_a_token_that_ends_inside_a_character_streams_as_a_chunk_without_text(ap
     assert chat_texts[0] == ""  # the role's chunk
     assert [t == "" for t in chat_texts[1:]] == inside
     assert "".join(chat_texts) == text and not any("\ufffd" in t for t in chat_texts)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_text_chunk_events_are_the_models_own_json(include_usage):
+    from cleave.router.protocol.completion import (
+        CompletionResponseStreamChoice, CompletionStreamResponse, TextChunkEvents,
+    )
+    from cleave.router.serving import sse_event
+
+    request_id, model = 'cmpl-"quoted"', "model\\with \"escapes\" cleave-text-mark"
+    events = TextChunkEvents(request_id, model, 1700000000, include_usage)
+    for text in ("", " plain", "naïve 🙂", 'quote " backslash \\ newline \n tab \t nul \x00', "cleave-text-mark"):
+        expected = CompletionStreamResponse(id=request_id, model=model, created=1700000000,
+                                            choices=[CompletionResponseStreamChoice(text=text)])
+        assert events.event(text) == sse_event(expected.dump(include_usage))
+
+
+def test_every_chunk_of_a_stream_has_one_id_and_created(openai_client):
+    _, _, chunks = stream_text(openai_client, max_tokens=12, temperature=0, stream_options={"include_usage": True})
+    assert chunks[-1].usage.completion_tokens == 12 and len(chunks) > 2
+    assert len({(c.id, c.created) for c in chunks}) == 1

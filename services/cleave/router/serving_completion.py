@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -17,6 +18,7 @@ from cleave.router.protocol.completion import (
     CompletionResponseChoice,
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
+    TextChunkEvents,
 )
 from cleave.router.serving import SSE_DONE, OpenAIServing, SSEResponse, safe_logprob, sse_event
 
@@ -62,11 +64,17 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _stream(self, request: CompletionRequest, generation: Generation) -> AsyncIterator[str]:
         offset = 0
         include_usage = request.include_usage
+        created = int(time.time())  # one for every chunk of the stream, as OpenAI's
+        text_events = None if request.logprobs is not None else TextChunkEvents(
+            generation.request_id, self.served_model_name, created, include_usage)
         async with aclosing(generation.stream()) as deltas:
             async for delta in deltas:
                 # A token whose text ends inside a character still gets its chunk, with no
                 # text (as vLLM streams it): the client sees each token when it is made.
                 if not delta.text and delta.finish_reason is None and not delta.token_ids:
+                    continue
+                if text_events is not None and delta.finish_reason is None:
+                    yield text_events.event(delta.text)
                     continue
                 logprobs = None
                 if request.logprobs is not None:
@@ -75,6 +83,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 chunk = CompletionStreamResponse(
                     id=generation.request_id,
                     model=self.served_model_name,
+                    created=created,
                     choices=[
                         CompletionResponseStreamChoice(
                             text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
@@ -84,7 +93,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 yield sse_event(chunk.dump(include_usage))
         if include_usage:
             chunk = CompletionStreamResponse(
-                id=generation.request_id, model=self.served_model_name, choices=[], usage=self.usage(generation)
+                id=generation.request_id, model=self.served_model_name, created=created, choices=[],
+                usage=self.usage(generation),
             )
             yield sse_event(chunk.dump(True))
         yield SSE_DONE
