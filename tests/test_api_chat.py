@@ -63,6 +63,7 @@ def test_include_usage_chunk(openai_client, api_server):
     assert last.usage.prompt_tokens == len(prompt_ids(api_server.tokenizer))
     assert last.usage.completion_tokens == 6
     assert all(c.usage is None for c in chunks[:-1])
+    assert len({(c.id, c.created) for c in chunks}) == 1
 
 
 def test_text_parts_equal_a_string_content(openai_client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -72,11 +73,12 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream(self, request: ChatCompletionRequest, generation: Generation) -> AsyncIterator[str]:
         include_usage = request.include_usage
+        created = int(time.time())  # one for every chunk of the stream, as OpenAI's
 
         def chunk(delta: DeltaMessage, finish_reason=None, logprobs=None) -> str:
             choice = ChatCompletionResponseStreamChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)
             response = ChatCompletionStreamResponse(
-                id=generation.request_id, model=self.served_model_name, choices=[choice]
+                id=generation.request_id, model=self.served_model_name, created=created, choices=[choice]
             )
             return sse_event(response.dump(include_usage))
 
@@ -94,7 +96,8 @@ class OpenAIServingChat(OpenAIServing):
                     yield chunk(DeltaMessage(), finish_reason=delta.finish_reason)
         if include_usage:
             response = ChatCompletionStreamResponse(
-                id=generation.request_id, model=self.served_model_name, choices=[], usage=self.usage(generation)
+                id=generation.request_id, model=self.served_model_name, created=created, choices=[],
+                usage=self.usage(generation),
             )
             yield sse_event(response.dump(True))
         yield SSE_DONE
