@@ -213,18 +213,29 @@ def test_a_token_that_ends_inside_a_character_streams_as_a_chunk_without_text(ap
     assert "".join(chat_texts) == text and not any("\ufffd" in t for t in chat_texts)
 
 
+def completion_chunk(request_id, model, text):
+    from cleave.router.protocol.completion import CompletionResponseStreamChoice, CompletionStreamResponse
+
+    return CompletionStreamResponse(id=request_id, model=model, created=1700000000,
+                                    choices=[CompletionResponseStreamChoice(text=text)])
+
+
+def chat_chunk(request_id, model, text):
+    from cleave.router.protocol.chat import ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, DeltaMessage
+
+    return ChatCompletionStreamResponse(id=request_id, model=model, created=1700000000,
+                                        choices=[ChatCompletionResponseStreamChoice(delta=DeltaMessage(content=text))])
+
+
+@pytest.mark.parametrize("make_chunk", [completion_chunk, chat_chunk])
 @pytest.mark.parametrize("include_usage", [False, True])
-def test_text_chunk_events_are_the_models_own_json(include_usage):
-    from cleave.router.protocol.completion import (
-        CompletionResponseStreamChoice, CompletionStreamResponse, TextChunkEvents,
-    )
-    from cleave.router.serving import sse_event
+def test_text_chunk_events_are_the_models_own_json(make_chunk, include_usage):
+    from cleave.router.serving import TextEvents, sse_event
 
     request_id, model = 'cmpl-"quoted"', "model\\with \"escapes\" cleave-text-mark"
-    events = TextChunkEvents(request_id, model, 1700000000, include_usage)
+    events = TextEvents(make_chunk(request_id, model, TextEvents.MARK).dump(include_usage))
     for text in ("", " plain", "naïve 🙂", 'quote " backslash \\ newline \n tab \t nul \x00', "cleave-text-mark"):
-        expected = CompletionStreamResponse(id=request_id, model=model, created=1700000000,
-                                            choices=[CompletionResponseStreamChoice(text=text)])
+        expected = make_chunk(request_id, model, text)
         assert events.event(text) == sse_event(expected.dump(include_usage))
 
 

@@ -87,6 +87,24 @@ def sse_event(data: dict[str, Any] | str) -> str:
 
 SSE_DONE = sse_event("[DONE]")
 
+
+class TextEvents:
+    """The SSE events of one stream's plain text chunks (no logprobs, no finish reason),
+    byte for byte ``sse_event`` of the chunk model's dump, without building and dumping a
+    model for each token (at 50 streams that was a fifth of the event loop's time per
+    token): the chunk is rendered once, by its model, with ``MARK`` for its text, and per
+    chunk only the text is encoded."""
+
+    MARK = "cleave-text-mark"
+
+    def __init__(self, chunk: dict[str, Any]) -> None:
+        # The text is the chunk's last string (logprobs, finish_reason and usage follow, null).
+        head, tail = json.dumps(chunk, ensure_ascii=False).rsplit(json.dumps(self.MARK), 1)
+        self._head, self._tail = f"data: {head}", f"{tail}\n\n"
+
+    def event(self, text: str) -> str:
+        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
+
 # Seeded once from the OS: ids of processes started together still differ.
 _request_ids = random.Random()
 

@@ -24,7 +24,7 @@ from cleave.router.protocol.chat import (
     DeltaMessage,
     TopLogprob,
 )
-from cleave.router.serving import SSE_DONE, OpenAIServing, SSEResponse, safe_logprob, sse_event
+from cleave.router.serving import SSE_DONE, OpenAIServing, SSEResponse, TextEvents, safe_logprob, sse_event
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -75,13 +75,17 @@ class OpenAIServingChat(OpenAIServing):
         include_usage = request.include_usage
         created = int(time.time())  # one for every chunk of the stream, as OpenAI's
 
-        def chunk(delta: DeltaMessage, finish_reason=None, logprobs=None) -> str:
+        def response(delta: DeltaMessage, finish_reason=None, logprobs=None) -> ChatCompletionStreamResponse:
             choice = ChatCompletionResponseStreamChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)
-            response = ChatCompletionStreamResponse(
+            return ChatCompletionStreamResponse(
                 id=generation.request_id, model=self.served_model_name, created=created, choices=[choice]
             )
-            return sse_event(response.dump(include_usage))
 
+        def chunk(delta: DeltaMessage, finish_reason=None, logprobs=None) -> str:
+            return sse_event(response(delta, finish_reason, logprobs).dump(include_usage))
+
+        text_events = None if request.logprobs else TextEvents(
+            response(DeltaMessage(content=TextEvents.MARK)).dump(include_usage))
         yield chunk(DeltaMessage(role="assistant", content=""))
         async with aclosing(generation.stream()) as deltas:
             async for delta in deltas:
@@ -91,15 +95,18 @@ class OpenAIServingChat(OpenAIServing):
                 # A chunk per engine output, empty while a character is incomplete, as
                 # vLLM streams them (and as completions do).
                 if delta.text or delta.token_ids:
-                    yield chunk(DeltaMessage(content=delta.text), logprobs=logprobs)
+                    if text_events is not None:
+                        yield text_events.event(delta.text)
+                    else:
+                        yield chunk(DeltaMessage(content=delta.text), logprobs=logprobs)
                 if delta.finish_reason is not None:
                     yield chunk(DeltaMessage(), finish_reason=delta.finish_reason)
         if include_usage:
-            response = ChatCompletionStreamResponse(
+            usage = ChatCompletionStreamResponse(
                 id=generation.request_id, model=self.served_model_name, created=created, choices=[],
                 usage=self.usage(generation),
             )
-            yield sse_event(response.dump(True))
+            yield sse_event(usage.dump(True))
         yield SSE_DONE
 
     def _logprobs(self, request: ChatCompletionRequest, token_ids: list[int], logprobs: list[float]):

@@ -18,9 +18,8 @@ from cleave.router.protocol.completion import (
     CompletionResponseChoice,
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
-    TextChunkEvents,
 )
-from cleave.router.serving import SSE_DONE, OpenAIServing, SSEResponse, safe_logprob, sse_event
+from cleave.router.serving import SSE_DONE, OpenAIServing, SSEResponse, TextEvents, safe_logprob, sse_event
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -65,8 +64,9 @@ class OpenAIServingCompletion(OpenAIServing):
         offset = 0
         include_usage = request.include_usage
         created = int(time.time())  # one for every chunk of the stream, as OpenAI's
-        text_events = None if request.logprobs is not None else TextChunkEvents(
-            generation.request_id, self.served_model_name, created, include_usage)
+        text_events = None if request.logprobs is not None else TextEvents(CompletionStreamResponse(
+            id=generation.request_id, model=self.served_model_name, created=created,
+            choices=[CompletionResponseStreamChoice(text=TextEvents.MARK)]).dump(include_usage))
         async with aclosing(generation.stream()) as deltas:
             async for delta in deltas:
                 # A token whose text ends inside a character still gets its chunk, with no

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Literal
 
@@ -94,25 +93,3 @@ class CompletionStreamResponse(OpenAIBaseModel):
             data.pop("usage")
         return data
 
-
-class TextChunkEvents:
-    """The SSE events of one completion stream's plain text chunks (no logprobs, no
-    finish reason), byte for byte what ``CompletionStreamResponse(...).dump()`` through
-    ``json.dumps`` gives, without building and dumping the model for each token: at 50
-    streams that was a fifth of the event loop's time per token. The JSON around the text
-    is rendered once, by the model itself, and only the text is encoded per chunk."""
-
-    _MARK = "cleave-text-mark"
-
-    def __init__(self, request_id: str, model: str, created: int, include_usage_field: bool) -> None:
-        sample = CompletionStreamResponse(
-            id=request_id, model=model, created=created, choices=[CompletionResponseStreamChoice(text=self._MARK)]
-        )
-        rendered = json.dumps(sample.dump(include_usage_field), ensure_ascii=False)
-        # The text is the last string of the chunk (logprobs, finish_reason and usage follow, null).
-        self._head, self._tail = rendered.rsplit(json.dumps(self._MARK), 1)
-        self._head = "data: " + self._head
-        self._tail += "\n\n"
-
-    def event(self, text: str) -> str:
-        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
