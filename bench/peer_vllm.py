@@ -3,7 +3,7 @@
     python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg[,disagg-replica,disagg-local]] [--num-prompts 50]
                               [--input-len 128] [--output-len 32] [--locust-users 8] [--locust-time 30]
                               [--server-core 1] [--client-core 0] [--disagg-flags "..."]
-                              [--request-rates 20,30] [--rate-prompts 300]
+                              [--request-rates 20,30] [--rate-prompts 300] [--repeat 3]
 
 Needs vLLM's CPU build in .venv-vllm/ (``infra/scripts/vllm.sh install``). In one run, one
 server at a time (so no two servers share the cores): vLLM (``vllm serve``), then Cleave
@@ -31,6 +31,12 @@ loadtest/locustfile.py (``--shape fixed`` at the same lengths, ``--locust-users`
 also the gap between streamed chunks, ITL, and the tokens per chunk; its percentiles rounded
 as Locust rounds them), and the ratios
 Cleave/vLLM. A stage that fails is reported and left blank; the others still run.
+
+This VM's figures move by a fifth from run to run, vLLM's as much as ours, so one run
+cannot settle a ratio near 1: ``--repeat N`` runs every server N times in turn (every
+other round in reverse order) and prints, per figure, the median over the rounds and, per
+ratio, the median of the rounds' ratios (each against the vLLM of the same round) with
+the lowest and highest.
 
 Each stage also reads the CPU time (``utime + stime`` in ``/proc``) of every process pinned
 to the server core before and after, and prints it per output token, by process kind
@@ -199,9 +205,9 @@ class PinnedPlatform(Platform):
         super().__init__(*args, **kwargs)
         self.core = core
 
-    def up(self) -> None:
+    def up(self, timeout: float = 600) -> None:
         result = subprocess.run(["taskset", "-c", self.core, sys.executable, "-m", "cleave.cli", "up", *self.flags],
-                                env=self.env, capture_output=True, text=True, timeout=600)
+                                env=self.env, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"cleave up failed:\n{result.stdout}\n{result.stderr}\n{self.logs()}")
 
@@ -301,34 +307,83 @@ SHAPE_FLAGS = {
 }
 
 
-def print_table(args, sides: list[str], results: dict[str, dict[str, dict]], header: list[str]) -> None:
+def run_side(side: str, args, model_dir: Path, name: str, config: dict, max_model_len: int, tmp_path: Path,
+             errors: list[str]) -> dict[str, dict] | None:
+    """Start one server on the server core, drive it through every stage, stop it."""
+    print(f"starting {side} ...", file=sys.stderr, flush=True)
+    if side == "vllm":
+        server = VllmServer(model_dir, name, args.server_core, tmp_path / "vllm.log", max_model_len)
+    else:
+        flags = SHAPE_FLAGS[side] + ([] if side == "single" else shlex.split(args.disagg_flags))
+        server = PinnedPlatform(tmp_path / side, model_dir, *flags, served_model_name=name, core=args.server_core)
+    try:
+        server.up(args.server_timeout)
+        return drive(side, server.base_url, name, model_dir, args, tmp_path, config["vocab_size"], errors)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        errors.append(f"{side}: {exc}")
+        print(f"{side} FAILED: {str(exc)[:3000]}", file=sys.stderr, flush=True)
+        return None
+    finally:
+        print(f"stopping {side} ...", file=sys.stderr, flush=True)
+        try:
+            server.down()
+        except Exception as exc:  # noqa: BLE001  (report, then go on to the next server)
+            print(f"stopping {side} failed: {exc}", file=sys.stderr)
+
+
+def median(values: list[float]) -> float | None:
+    values = sorted(values)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _figure(results: dict, side: str, label: str, key: str, cpu: bool = False) -> float | None:
+    figures = results.get(side, {}).get(label, {})
+    return figures.get("cpu_ms_per_token", {}).get(key) if cpu else figures.get(key)
+
+
+def print_table(args, sides: list[str], rounds: list[dict[str, dict[str, dict]]], header: list[str]) -> None:
+    """One round: its figures and ratios. Several: the median of each figure over the rounds,
+    and the median of the ratios each round gives (each Cleave server against the vLLM of the
+    same round), with their lowest and highest."""
     cleave_sides = [s for s in sides if s != "vllm"]
     for line in header:
         print(line)
     print(f"{args.model}: `vllm bench serve` random {args.input_len} in / {args.output_len} out, "
           f"{args.num_prompts} prompts, temperature 0, ignore_eos; Locust fixed {args.input_len}/{args.output_len}, "
           f"{args.locust_users} users, {args.locust_time} s; servers on core {args.server_core}, "
-          f"client on core {args.client_core}; {os.cpu_count()} cores")
+          f"client on core {args.client_core}; {os.cpu_count()} cores"
+          + (f"; medians of {len(rounds)} rounds, ratios as median (lowest-highest)" if len(rounds) > 1 else ""))
     print("| load | metric | " + " | ".join(sides) + "".join(f" | {s}/vllm" for s in cleave_sides) + " |")
     print("| --- | --- |" + " ---: |" * (len(sides) + len(cleave_sides)))
+
+    def row(label: str, metric: str, key: str, cpu: bool, with_ratio: bool) -> str:
+        cells = [_cell(median([v for r in rounds if (v := _figure(r, s, label, key, cpu)) is not None]))
+                 for s in sides]
+        for s in cleave_sides:
+            ratios = [c / v for r in rounds
+                      if (c := _figure(r, s, label, key, cpu)) is not None and (v := _figure(r, "vllm", label, key, cpu))]
+            if not with_ratio:
+                cells.append("")
+            elif not ratios:
+                cells.append("n/a")
+            elif len(ratios) == 1:
+                cells.append(f"{ratios[0]:.2f}x")
+            else:
+                cells.append(f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        return f"| {label} | {metric} | " + " | ".join(cells) + " |"
+
     stages = [(label, METRICS) for label, _, _ in loads(args)]
     stages += [("locust", LOCUST_METRICS)] if args.locust_time > 0 else []
     for label, metrics in stages:
         for key, metric, _ in metrics:
-            values = {s: results.get(s, {}).get(label, {}).get(key) for s in sides}
-            row = f"| {label} | {metric} | " + " | ".join(_cell(values[s]) for s in sides)
-            for s in cleave_sides:
-                ok = values[s] is not None and values["vllm"]
-                row += f" | {values[s] / values['vllm']:.2f}x" if ok else " | n/a"
-            print(row + " |")
-        cpu = {s: results.get(s, {}).get(label, {}).get("cpu_ms_per_token", {}) for s in sides}
-        for kind in dict.fromkeys(k for s in sides for k in cpu[s]):
-            values = {s: cpu[s].get(kind) for s in sides}
-            row = f"| {label} | cpu ms/token: {kind} | " + " | ".join(_cell(values[s]) for s in sides)
-            for s in cleave_sides:
-                ok = kind == "total" and values[s] is not None and values["vllm"]
-                row += f" | {values[s] / values['vllm']:.2f}x" if ok else " | "
-            print(row + " |")
+            print(row(label, metric, key, False, True))
+        kinds = dict.fromkeys(k for r in rounds for s in sides for k in r.get(s, {}).get(label, {}).get(
+            "cpu_ms_per_token", {}))
+        for kind in kinds:
+            print(row(label, f"cpu ms/token: {kind}", kind, True, kind == "total"))
 
 
 def git_commit() -> str:
@@ -362,8 +417,14 @@ def main() -> None:
     parser.add_argument("--client-timeout", type=float, default=900, help="seconds for one `vllm bench serve`")
     parser.add_argument("--disagg-flags", default="",
                         help="more `cleave up` flags for the disagg shape, e.g. \"--decode-workers 1\"")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every server in turn (every other round in reverse order); more than 1 "
+                             "prints the medians and each ratio's median, lowest and highest over the rounds")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too (a list, one per round, "
+                                                            "with --repeat)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be 1 or more")
     if not VLLM.exists():
         sys.exit(f"{VLLM} is missing: run infra/scripts/vllm.sh install")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the finally blocks
@@ -378,53 +439,36 @@ def main() -> None:
     config = json.loads((model_dir / "config.json").read_text())
     max_model_len = min(2048, config["max_position_embeddings"])
     sides = ["vllm", *shapes]
-    results: dict[str, dict[str, dict]] = {}
     errors: list[str] = []
     # Other work on a shared machine shows in the figures: record how busy it was.
     header = [f"commit {git_commit()}; load average (1/5/15 min) at start {load_average()}"
               + (f"; disagg: cleave up {args.disagg_flags}" if args.disagg_flags else "")]
     print(header[0], file=sys.stderr, flush=True)
+    rounds: list[dict[str, dict[str, dict]]] = []
     with tempfile.TemporaryDirectory(prefix="cleave-bench-vllm-") as tmp:
-        tmp_path = Path(tmp)
-        for side in sides:  # one server at a time: each has the server core to itself
-            print(f"starting {side} ...", file=sys.stderr, flush=True)
-            if side == "vllm":
-                server = VllmServer(model_dir, name, args.server_core, tmp_path / "vllm.log", max_model_len)
-                try:
-                    server.up(args.server_timeout)
-                    results[side] = drive(side, server.base_url, name, model_dir, args, tmp_path,
-                                          config["vocab_size"], errors)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    errors.append(f"{side}: {exc}")
-                    print(f"{side} FAILED: {str(exc)[:3000]}", file=sys.stderr, flush=True)
-                finally:
-                    print(f"stopping {side} ...", file=sys.stderr, flush=True)
-                    server.down()
-            else:
-                flags = SHAPE_FLAGS[side] + ([] if side == "single" else shlex.split(args.disagg_flags))
-                platform = PinnedPlatform(tmp_path / side, model_dir, *flags, served_model_name=name,
-                                          core=args.server_core)
-                try:
-                    platform.up()
-                    results[side] = drive(side, platform.base_url, name, model_dir, args, tmp_path,
-                                          config["vocab_size"], errors)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    errors.append(f"{side}: {exc}")
-                    print(f"{side} FAILED: {str(exc)[:3000]}", file=sys.stderr, flush=True)
-                finally:
-                    print(f"stopping {side} ...", file=sys.stderr, flush=True)
-                    try:
-                        platform.down()
-                    except Exception as exc:  # noqa: BLE001  (report, then go on to the next server)
-                        print(f"stopping {side} failed: {exc}", file=sys.stderr)
+        for number in range(args.repeat):
+            # Every other round in reverse order: no server always runs first, or right after
+            # the same one, while the machine drifts over the run.
+            order = sides if number % 2 == 0 else sides[::-1]
+            round_dir = Path(tmp) / f"round{number + 1}"
+            round_dir.mkdir()
+            if args.repeat > 1:
+                print(f"round {number + 1} of {args.repeat}: {', '.join(order)}", file=sys.stderr, flush=True)
+            results = {}
+            for side in order:  # one server at a time: each has the server core to itself
+                figures = run_side(side, args, model_dir, name, config, max_model_len, round_dir, errors)
+                if figures is not None:
+                    results[side] = figures
+            rounds.append(results)
     header.append(f"load average (1/5/15 min) at end {load_average()}")
-    print_table(args, sides, results, header)
+    print_table(args, sides, rounds, header)
     for error in errors:
         print(f"failed: {error[:500]}")
     if args.json:
         keys = [key for key, _, _ in LOCUST_METRICS]
-        print(json.dumps({side: {label: {key: figs[key] for key in keys if key in figs} for label, figs in per.items()}
-                          for side, per in results.items()}))
+        figures = [{side: {label: {key: figs[key] for key in keys if key in figs} for label, figs in per.items()}
+                    for side, per in results.items()} for results in rounds]
+        print(json.dumps(figures[0] if len(figures) == 1 else figures))
     if errors:
         sys.exit(1)
 
