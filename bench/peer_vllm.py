@@ -1,6 +1,6 @@
 """Cleave against vLLM's CPU build on the same seeded tiny MoE checkpoint, driven by vLLM's own client and by our Locust file.
 
-    python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg[,disagg-replica,disagg-local]] [--num-prompts 50]
+    python bench/peer_vllm.py [--model tiny-mixtral-hd64] [--shapes single,disagg[,disagg-remote,...]] [--num-prompts 50]
                               [--input-len 128] [--output-len 32] [--locust-users 8] [--locust-time 30]
                               [--server-core 1] [--client-core 0] [--disagg-flags "..."]
                               [--request-rates 20,30] [--rate-prompts 300] [--repeat 3]
@@ -10,12 +10,14 @@ server at a time (so no two servers share the cores): vLLM (``vllm serve``), the
 single-process (``cleave up --mode single --num-threads 1``), then Cleave disaggregated
 (``cleave up`` defaults, which size the pools to the one server core: Redis, a KV store,
 1 prefill and 1 decode worker running their experts themselves, the router; 1 torch thread
-per worker; ``--disagg-flags "--decode-workers 2 --expert-replicas 2"`` runs the two-core
-layout on it), and, where ``--shapes`` names it, ``disagg-replica``: the same with one
-expert replica (``--expert-replicas 1``), which shows what the expert hop costs, and
-``disagg-local``: conditional disaggregation (``--local-prefill-tokens 256``), where the
-decode worker prefills every prompt of 256 tokens or fewer itself, so that at these lengths
-no request takes the prefill worker and the hand-off through the store. Each
+per worker; and, on one core, conditional disaggregation: a prompt of up to one step's
+tokens, 1024, is prefilled by the decode worker itself; ``--disagg-flags "--decode-workers
+2 --expert-replicas 2"`` runs the two-core layout on it), and, where ``--shapes`` names it,
+``disagg-remote``: the same with every prompt prefilled on the prefill worker and handed
+over through the store (``--local-prefill-tokens 0``, the default on more cores),
+``disagg-replica``: the same with one expert replica (``--expert-replicas 1``), which shows
+what the expert hop costs, and ``disagg-local``: conditional disaggregation at
+``--local-prefill-tokens 256`` (the shape of runs Q–Y, before it was the one-core default). Each
 server runs under ``taskset -c SERVER_CORE`` (every process it spawns inherits that mask)
 and each client under ``taskset -c CLIENT_CORE``: on a 2-core machine the server has core
 1 and the client core 0.
@@ -304,6 +306,7 @@ SHAPE_FLAGS = {
     "disagg": ["--mode", "disaggregated"],
     "disagg-replica": ["--mode", "disaggregated", "--expert-replicas", "1"],
     "disagg-local": ["--mode", "disaggregated", "--local-prefill-tokens", "256"],
+    "disagg-remote": ["--mode", "disaggregated", "--local-prefill-tokens", "0"],
 }
 
 
@@ -401,7 +404,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-mixtral-hd64", help="model-zoo name or model folder")
     parser.add_argument("--shapes", default="single,disagg",
-                        help="Cleave shapes, comma-separated: single, disagg, disagg-replica, disagg-local")
+                        help="Cleave shapes, comma-separated: single, disagg, disagg-remote, disagg-replica, disagg-local")
     parser.add_argument("--num-prompts", type=int, default=50)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)

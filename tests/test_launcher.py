@@ -13,7 +13,9 @@ import threading
 import httpx
 import pytest
 
-from cleave.launcher import Supervisor, build_parser, disaggregated_specs, is_alive, size_pools, usable_cores
+from cleave.engine.config import EngineConfig
+from cleave.launcher import (ONE_CORE_LOCAL_PREFILL_TOKENS, Supervisor, build_parser, disaggregated_specs, is_alive,
+                             size_pools, usable_cores)
 
 
 def free_port() -> int:
@@ -147,6 +149,20 @@ def test_pools_are_sized_to_the_cores_unless_given(cores, argv, pools):
     args, _ = build_parser("up").parse_known_args(argv)
     size_pools(args, cores)
     assert (args.decode_workers, args.expert_replicas) == pools
+
+
+@pytest.mark.parametrize("cores, argv, threshold", [
+    (1, [], ONE_CORE_LOCAL_PREFILL_TOKENS),  # a prefill worker on the decode worker's core only adds its hand-off
+    (2, [], 0),
+    (8, [], 0),
+    (1, ["--local-prefill-tokens", "0"], 0),  # what is given is kept
+    (2, ["--local-prefill-tokens", "64"], 64),
+])
+def test_one_core_prefills_a_prompt_of_one_step_on_the_decode_worker(cores, argv, threshold):
+    args, _ = build_parser("up").parse_known_args(argv)
+    size_pools(args, cores)
+    assert args.local_prefill_tokens == threshold
+    assert ONE_CORE_LOCAL_PREFILL_TOKENS == EngineConfig().max_num_batched_tokens
 
 
 def test_up_hands_the_local_prefill_threshold_to_the_router(tiny_models, tmp_path, monkeypatch):

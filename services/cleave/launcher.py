@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cleave.common.config import cleave_home
+from cleave.engine.config import EngineConfig
 from cleave.expert.spec import format_spec
 from cleave.models.config import ModelConfig
 from cleave.events.broker import add_broker
@@ -39,6 +40,8 @@ PLATFORM_MODEL = "smollm2-moe"
 LOG_TAIL_LINES = 40
 # Decode workers and expert replicas when not given, on a machine with this many cores or more.
 POOL_SIZE = 2
+# Conditional disaggregation's threshold on one core: the workers' default token budget of a step.
+ONE_CORE_LOCAL_PREFILL_TOKENS = EngineConfig.__dataclass_fields__["max_num_batched_tokens"].default
 
 
 @dataclass(slots=True)
@@ -425,6 +428,10 @@ def cmd_up(args: argparse.Namespace, extra: list[str]) -> int:
     if args.expert_replicas == 0 and num_routed_experts(model_path):
         print("experts run inside the prefill and decode workers (--expert-replicas 0, the default on one core)",
               file=sys.stderr, flush=True)
+    if args.mode != "single" and args.local_prefill_tokens:
+        print(f"prompts of up to {args.local_prefill_tokens} tokens are prefilled on the decode workers "
+              f"(--local-prefill-tokens {args.local_prefill_tokens}; {ONE_CORE_LOCAL_PREFILL_TOKENS} is the default "
+              "on one core, 0 sends every prompt to the prefill workers)", file=sys.stderr, flush=True)
     if taken := ports_taken(tiers, args):
         print("error: ports already in use: " + ", ".join(taken) + "; stop what holds them or pick others "
               "(--port, --grpc-port)", file=sys.stderr)
@@ -583,9 +590,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--expert-placement", choices=("layers", "experts"), default="layers",
                             help="what a group holds: whole MoE layers (one expert call per layer per step; the "
                                  "default) or a range of experts of every layer (a call per group per layer)")
-        parser.add_argument("--local-prefill-tokens", type=int, default=0,
+        parser.add_argument("--local-prefill-tokens", type=int, default=None,
                             help="prompts of at most this many tokens skip the prefill workers: a decode worker "
-                                 "prefills them itself (conditional disaggregation; 0: never)")
+                                 "prefills them itself (conditional disaggregation; 0: never; default 0, or "
+                                 f"{ONE_CORE_LOCAL_PREFILL_TOKENS}, a step's token budget, on one core)")
         parser.add_argument("--kvstores", type=int, default=1)
         parser.add_argument("--kvstore-capacity-mb", type=float, default=1024.0)
         parser.add_argument("--worker-base-port", type=int, default=50060,
@@ -624,12 +632,18 @@ def size_pools(args: argparse.Namespace, cores: int) -> None:
     call per MoE layer for half the sequences) and cannot run at once anyway; and an expert
     replica, which cannot compute beside its callers there, only adds its calls: the
     workers run their experts themselves (about 30% less CPU per token under load,
-    docs/benchmarks.md run L)."""
+    docs/benchmarks.md run L). For the same reason a prompt that fits one step goes
+    straight to a decode worker there: a prefill worker on the same core cannot keep it
+    off the decode batch's core, and the separate forward pass and the blocks' hand-off
+    through the store cost the one-core platform about a third of its throughput under
+    load (docs/benchmarks.md run Q)."""
     per_pool = max(1, min(POOL_SIZE, cores))
     if args.decode_workers is None:
         args.decode_workers = per_pool
     if args.expert_replicas is None:
         args.expert_replicas = max(per_pool if cores > 1 else 0, args.expert_groups)
+    if args.local_prefill_tokens is None:
+        args.local_prefill_tokens = ONE_CORE_LOCAL_PREFILL_TOKENS if cores == 1 else 0
 
 
 def check_up_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
