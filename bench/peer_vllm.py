@@ -17,10 +17,10 @@ tokens, 1024, is prefilled by the decode worker itself; ``--disagg-flags "--deco
 over through the store (``--local-prefill-tokens 0``, the default on more cores),
 ``disagg-replica``: the same with one expert replica (``--expert-replicas 1``), which shows
 what the expert hop costs, and ``disagg-local``: conditional disaggregation at
-``--local-prefill-tokens 256`` (the shape of runs Q–Y, before it was the one-core default). Each
-server runs under ``taskset -c SERVER_CORE`` (every process it spawns inherits that mask)
-and each client under ``taskset -c CLIENT_CORE``: on a 2-core machine the server has core
-1 and the client core 0.
+``--local-prefill-tokens 256`` (the shape of runs Q–Z; on one core the default, 1024,
+sends these prompts the same way). Each server runs under ``taskset -c SERVER_CORE``
+(every process it spawns inherits that mask) and each client under ``taskset -c
+CLIENT_CORE``: on a 2-core machine the server has core 1 and the client core 0.
 
 Every server is driven, after a short warm-up, by ``vllm bench serve`` (OpenAI
 ``/v1/completions``, streaming; random dataset, ``--input-len`` in / ``--output-len`` out,
