@@ -58,6 +58,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -334,14 +335,6 @@ def run_side(side: str, args, model_dir: Path, name: str, config: dict, max_mode
             print(f"stopping {side} failed: {exc}", file=sys.stderr)
 
 
-def median(values: list[float]) -> float | None:
-    values = sorted(values)
-    if not values:
-        return None
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-
-
 def _figure(results: dict, side: str, label: str, key: str, cpu: bool = False) -> float | None:
     figures = results.get(side, {}).get(label, {})
     return figures.get("cpu_ms_per_token", {}).get(key) if cpu else figures.get(key)
@@ -363,19 +356,22 @@ def print_table(args, sides: list[str], rounds: list[dict[str, dict[str, dict]]]
     print("| --- | --- |" + " ---: |" * (len(sides) + len(cleave_sides)))
 
     def row(label: str, metric: str, key: str, cpu: bool, with_ratio: bool) -> str:
-        cells = [_cell(median([v for r in rounds if (v := _figure(r, s, label, key, cpu)) is not None]))
-                 for s in sides]
+        cells = []
+        for s in sides:
+            values = [v for r in rounds if (v := _figure(r, s, label, key, cpu)) is not None]
+            cells.append(_cell(statistics.median(values) if values else None))
         for s in cleave_sides:
-            ratios = [c / v for r in rounds
-                      if (c := _figure(r, s, label, key, cpu)) is not None and (v := _figure(r, "vllm", label, key, cpu))]
             if not with_ratio:
                 cells.append("")
-            elif not ratios:
+                continue
+            ratios = [c / v for r in rounds
+                      if (c := _figure(r, s, label, key, cpu)) is not None and (v := _figure(r, "vllm", label, key, cpu))]
+            if not ratios:
                 cells.append("n/a")
             elif len(ratios) == 1:
                 cells.append(f"{ratios[0]:.2f}x")
             else:
-                cells.append(f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+                cells.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
         return f"| {label} | {metric} | " + " | ".join(cells) + " |"
 
     stages = [(label, METRICS) for label, _, _ in loads(args)]

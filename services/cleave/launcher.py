@@ -41,7 +41,7 @@ LOG_TAIL_LINES = 40
 # Decode workers and expert replicas when not given, on a machine with this many cores or more.
 POOL_SIZE = 2
 # Conditional disaggregation's threshold on one core: the workers' default token budget of a step.
-ONE_CORE_LOCAL_PREFILL_TOKENS = EngineConfig.__dataclass_fields__["max_num_batched_tokens"].default
+ONE_CORE_LOCAL_PREFILL_TOKENS = EngineConfig().max_num_batched_tokens
 
 
 @dataclass(slots=True)

@@ -99,8 +99,7 @@ class TextEvents:
 
     def __init__(self, chunk: dict[str, Any]) -> None:
         # The text is the chunk's last string (logprobs, finish_reason and usage follow, null).
-        head, tail = json.dumps(chunk, ensure_ascii=False).rsplit(json.dumps(self.MARK), 1)
-        self._head, self._tail = f"data: {head}", f"{tail}\n\n"
+        self._head, self._tail = sse_event(chunk).rsplit(json.dumps(self.MARK), 1)
 
     def event(self, text: str) -> str:
         return self._head + json.dumps(text, ensure_ascii=False) + self._tail

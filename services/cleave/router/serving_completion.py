@@ -64,9 +64,13 @@ class OpenAIServingCompletion(OpenAIServing):
         offset = 0
         include_usage = request.include_usage
         created = int(time.time())  # one for every chunk of the stream, as OpenAI's
-        text_events = None if request.logprobs is not None else TextEvents(CompletionStreamResponse(
-            id=generation.request_id, model=self.served_model_name, created=created,
-            choices=[CompletionResponseStreamChoice(text=TextEvents.MARK)]).dump(include_usage))
+
+        def response(choices: list[CompletionResponseStreamChoice], usage=None) -> CompletionStreamResponse:
+            return CompletionStreamResponse(id=generation.request_id, model=self.served_model_name, created=created,
+                                            choices=choices, usage=usage)
+
+        text_events = None if request.logprobs is not None else TextEvents(
+            response([CompletionResponseStreamChoice(text=TextEvents.MARK)]).dump(include_usage))
         async with aclosing(generation.stream()) as deltas:
             async for delta in deltas:
                 # A token whose text ends inside a character still gets its chunk, with no
@@ -80,23 +84,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 if request.logprobs is not None:
                     logprobs = self._logprobs(delta.token_ids, delta.logprobs, offset)
                 offset += len(delta.text)
-                chunk = CompletionStreamResponse(
-                    id=generation.request_id,
-                    model=self.served_model_name,
-                    created=created,
-                    choices=[
-                        CompletionResponseStreamChoice(
-                            text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
-                        )
-                    ],
-                )
-                yield sse_event(chunk.dump(include_usage))
+                choice = CompletionResponseStreamChoice(
+                    text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason)
+                yield sse_event(response([choice]).dump(include_usage))
         if include_usage:
-            chunk = CompletionStreamResponse(
-                id=generation.request_id, model=self.served_model_name, created=created, choices=[],
-                usage=self.usage(generation),
-            )
-            yield sse_event(chunk.dump(True))
+            yield sse_event(response([], usage=self.usage(generation)).dump(True))
         yield SSE_DONE
 
     def _logprobs(self, token_ids: list[int], logprobs: list[float], offset: int) -> CompletionLogProbs:

@@ -92,4 +92,3 @@ class CompletionStreamResponse(OpenAIBaseModel):
         if not include_usage_field:
             data.pop("usage")
         return data
-
